@@ -1,0 +1,30 @@
+"""qkv: the Transformer from first principles on PyTorch.
+
+    import qkv
+    cfg = qkv.presets.get("gpt-char-tiny")
+    model = qkv.Transformer(cfg)
+    qkv.save(model, tokenizer, "runs/x");  model, tok = qkv.load("runs/x")
+"""
+
+__version__ = "0.1.0"
+
+from . import presets
+from .checkpoint import load, save
+from .config import ModelConfig
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    QkvError,
+    TokenizerError,
+    UnsupportedModelError,
+)
+from .layers.attention import attention, record_attention
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+__all__ = [
+    "CheckpointError", "ConfigError", "InputError", "ModelConfig", "QkvError", "Tokenizer",
+    "TokenizerError", "Transformer", "UnsupportedModelError", "__version__", "attention", "load",
+    "presets", "record_attention", "save",
+]

@@ -1,0 +1,155 @@
+"""A model directory on disk, and how to write it safely.
+
+    runs/x/
+      config.json         ModelConfig + {"qkv_version": ...}
+      model.safetensors   the weights (a tied matrix is stored once)
+      tokenizer.json      the tokenizer
+
+Weights are only ever read with safetensors: loading a checkpoint never runs code from it.
+Every write goes to a temporary file that is flushed to disk and then renamed over the target,
+so a process killed mid-write leaves the previous file intact, never half of a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError
+from .model import Transformer
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_weights(model: torch.nn.Module, path: Path, tied: dict[str, str] | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write the state dict as safetensors; keys in `tied` are left out (stored once)."""
+    tied = tied or {}
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata or {}))
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def load_weights(model: Transformer, path: Path) -> None:
+    """Load safetensors weights into `model`, checking every name and shape against it."""
+    tensors = read_safetensors(path)
+    expected = model.state_dict()
+    tied = model.tied_weights()
+    missing = [k for k in expected if k not in tensors and k not in tied]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing:
+        raise CheckpointError(f"{path} lacks {len(missing)} tensor(s) the config needs, "
+                              f"e.g. {missing[0]}")
+    if unexpected:
+        raise CheckpointError(f"{path} has {len(unexpected)} tensor(s) the config does not "
+                              f"describe, e.g. {unexpected[0]}")
+    for k, t in tensors.items():
+        if t.shape != expected[k].shape:
+            raise CheckpointError(f"{path}: tensor {k} has shape {list(t.shape)} but the config "
+                                  f"expects {list(expected[k].shape)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def save(model: Transformer, tokenizer: Tokenizer | None, path: str | Path,
+         format: str = "qkv") -> Path:
+    """Write a model directory. format="hf" writes a Hugging Face directory instead."""
+    path = Path(path)
+    if format == "hf":
+        from .hf import save_hf
+
+        save_hf(model, tokenizer, path)
+        return path
+    if format != "qkv":
+        raise ConfigError(f"format={format!r} is not one of qkv, hf")
+    path.mkdir(parents=True, exist_ok=True)
+    save_weights(model, path / WEIGHTS, model.tied_weights())
+    model.config.to_json(path / CONFIG)
+    if tokenizer is not None:
+        tokenizer.save(path / TOKENIZER)
+    return path
+
+
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG).is_file()
+
+
+def read_config_json(path: Path) -> dict:
+    file = Path(path) / CONFIG
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path} is not a directory")
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a model directory (it has no {CONFIG})")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} must hold a JSON object")
+    return data
+
+
+def load(path: str | Path, device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
+    """Load a qkv model directory, or a Hugging Face one, as (model, tokenizer or None)."""
+    path = Path(path)
+    if not path.exists():
+        from .hub import resolve
+
+        path = resolve(str(path))
+    data = read_config_json(path)
+    if "model_type" in data:  # a Hugging Face checkpoint
+        from .hf import load_hf
+
+        model, tokenizer = load_hf(path)
+    else:
+        try:
+            config = ModelConfig.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path / CONFIG}: {e}") from None
+        model = Transformer(config)
+        load_weights(model, path / WEIGHTS)
+        tokenizer = None
+        if (path / TOKENIZER).is_file():
+            from .tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.load(path / TOKENIZER)
+    model.to(device=device, dtype=dtype).eval()
+    return model, tokenizer

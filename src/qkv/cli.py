@@ -1,0 +1,59 @@
+"""The `qkv` command. Each subcommand lives in its own module under `qkv/commands/`.
+
+A subcommand module defines `ORDER` (its place in `qkv --help`) and `register(subparsers)`, which
+adds its parser and sets `func(args) -> int`. User mistakes (any QkvError) print one line and exit
+with status 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from . import __version__, commands
+from .errors import QkvError
+
+EPILOG = """examples:
+  qkv train                                   train a small GPT on Shakespeare, then sample
+  qkv generate runs/gpt --prompt "ROMEO:"     continue a prompt
+  qkv info runs/gpt                           what a model directory holds
+
+Run `qkv COMMAND --help` for the options of each command."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qkv",
+        description="qkv: the Transformer from first principles, on PyTorch.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"qkv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = [importlib.import_module(f"{commands.__name__}.{m.name}")
+               for m in pkgutil.iter_modules(commands.__path__)]
+    for module in sorted(modules, key=lambda m: getattr(m, "ORDER", 100)):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except QkvError as e:
+        print(f"qkv {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nqkv {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
