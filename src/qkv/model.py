@@ -230,7 +230,8 @@ class Transformer(nn.Module):
             memory = self.encode(tokens, src_mask)
             return self.decode(tgt, memory, src_mask, tgt_mask, cache=cache)
         if tgt is not None:
-            raise InputError(f"a {family} model takes one token sequence, not (src, tgt)")
+            raise InputError(f"a {family} model takes one token sequence, not (src, tgt); pass "
+                             "a padding mask by name: model(tokens, padding_mask=mask)")
         if family == "encoder":
             return self.logits(self.encode(tokens, padding_mask, token_types, positions))
         h = self.decoder(self.tokens(_ids(tokens)), _mask(padding_mask, tokens, cache), positions,

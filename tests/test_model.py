@@ -1,0 +1,199 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qkv
+from qkv import InputError, Transformer
+
+from conftest import tiny_config
+
+OPTIONS = list(itertools.product(
+    ["learned", "sinusoidal", "rope"], ["layernorm", "rmsnorm"], ["pre", "post"],
+    ["relu", "gelu_tanh", "swiglu"],
+))
+
+
+def _run(model, family, B=2, T=10, T_tgt=6):
+    x = torch.randint(0, model.config.vocab_size, (B, T))
+    if family == "encoder-decoder":
+        return model(x, torch.randint(0, model.config.vocab_size, (B, T_tgt)))
+    return model(x)
+
+
+@pytest.mark.parametrize("family", ["encoder", "decoder", "encoder-decoder"])
+@pytest.mark.parametrize("position, norm, placement, activation", OPTIONS)
+def test_shapes_for_every_family_and_option(family, position, norm, placement, activation):
+    cfg = tiny_config(family, position=position, norm=norm, norm_placement=placement,
+                      activation=activation, n_kv_heads=2, tie_embeddings=position != "rope")
+    model = Transformer(cfg).eval()
+    out = _run(model, family)
+    T = 6 if family == "encoder-decoder" else 10
+    assert out.shape == (2, T, 50)
+    assert torch.isfinite(out).all()
+
+
+def test_heads_and_pooling():
+    cfg = tiny_config("encoder", labels=["neg", "pos", "neutral"], pooler=True, type_vocab_size=2,
+                      embedding_norm=True, mlm_transform=True, lm_head_bias=True,
+                      normalize_embeddings=True)
+    model = Transformer(cfg).eval()
+    x = torch.randint(0, 50, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[0, 5:] = 0
+    assert model.classify(x, mask).shape == (3, 3)
+    emb = model.embed(x, mask)
+    assert emb.shape == (3, 32)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert model.encode(x, mask).shape == (3, 8, 32)
+    decoder = Transformer(tiny_config("decoder", pooling="last", labels=["a", "b"])).eval()
+    assert decoder.classify(x, mask).shape == (3, 2)
+    with pytest.raises(InputError, match="no classification head"):
+        Transformer(tiny_config("encoder")).classify(x)
+
+
+def test_last_pooling_finds_the_last_real_token_on_either_side():
+    h = torch.arange(2 * 4).float().view(2, 4, 1)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    from qkv.model import pool
+
+    assert pool(h, right, "last").flatten().tolist() == [1.0, 7.0]
+    assert pool(h, left, "last").flatten().tolist() == [3.0, 7.0]
+    assert pool(h, right, "mean").flatten().tolist() == [0.5, 5.5]
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_a_future_token_never_changes_a_past_logit(position):
+    model = Transformer(tiny_config("decoder", position=position)).eval()
+    x = torch.randint(0, 50, (1, 12))
+    y = x.clone()
+    y[0, 8:] = (y[0, 8:] + 7) % 50
+    a, b = model(x), model(y)
+    assert torch.allclose(a[:, :8], b[:, :8], atol=1e-6)
+    assert not torch.allclose(a[:, 8:], b[:, 8:], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["encoder", "decoder"])
+def test_padding_never_changes_real_outputs(family):
+    model = Transformer(tiny_config(family)).eval()
+    x = torch.randint(0, 50, (1, 7))
+    padded = torch.cat([x, torch.randint(0, 50, (1, 4))], dim=1)
+    mask = torch.tensor([[1] * 7 + [0] * 4])
+    full = model(x)
+    with_pad = model(padded, padding_mask=mask)
+    assert (full - with_pad[:, :7]).abs().max() < 1e-5
+
+
+def test_source_padding_never_changes_the_translation():
+    model = Transformer(tiny_config("encoder-decoder", position="sinusoidal")).eval()
+    src, tgt = torch.randint(0, 50, (1, 7)), torch.randint(0, 50, (1, 5))
+    padded = torch.cat([src, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    mask = torch.tensor([[1] * 7 + [0] * 3])
+    assert (model(src, tgt) - model(padded, tgt, src_mask=mask)).abs().max() < 1e-5
+
+
+def _greedy(model, prompt, steps, use_cache, memory=None, src_mask=None):
+    seq = prompt
+    cache = model.new_cache() if use_cache else None
+    step_input = seq
+    logits_seen = []
+    for _ in range(steps):
+        if memory is None:
+            logits = model(step_input, cache=cache)
+        else:
+            logits = model.decode(step_input, memory, src_mask, cache=cache)
+        last = logits[:, -1]
+        logits_seen.append(last)
+        nxt = last.argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+        step_input = nxt if use_cache else seq
+    return seq, torch.stack(logits_seen, 1)
+
+
+@pytest.mark.parametrize("position", ["learned", "rope", "sinusoidal"])
+def test_cached_decoding_equals_full_forward_decoder(position):
+    cfg = tiny_config("decoder", position=position, n_kv_heads=2, max_seq_len=80)
+    model = Transformer(cfg).eval()
+    prompt = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        seq_a, logits_a = _greedy(model, prompt, 64, use_cache=False)
+        seq_b, logits_b = _greedy(model, prompt, 64, use_cache=True)
+    assert torch.equal(seq_a, seq_b)
+    assert (logits_a - logits_b).abs().max() < 1e-4
+
+
+def test_cached_decoding_equals_full_forward_encoder_decoder():
+    cfg = tiny_config("encoder-decoder", position="sinusoidal", norm_placement="post",
+                      scale_embeddings=True, max_seq_len=80)
+    model = Transformer(cfg).eval()
+    src = torch.randint(0, 50, (2, 9))
+    src_mask = torch.ones(2, 9, dtype=torch.bool)
+    src_mask[1, 6:] = False
+    start = torch.zeros(2, 1, dtype=torch.long)
+    with torch.no_grad():
+        memory = model.encode(src, src_mask)
+        seq_a, logits_a = _greedy(model, start, 64, False, memory, src_mask)
+        seq_b, logits_b = _greedy(model, start, 64, True, memory, src_mask)
+    assert torch.equal(seq_a, seq_b)
+    assert (logits_a - logits_b).abs().max() < 1e-4
+
+
+def test_recording_attention_returns_maps_and_keeps_outputs():
+    model = Transformer(tiny_config("encoder-decoder")).eval()
+    src, tgt = torch.randint(0, 50, (1, 6)), torch.randint(0, 50, (1, 4))
+    plain = model(src, tgt)
+    with qkv.record_attention(model) as maps:
+        recorded = model(src, tgt)
+    assert (plain - recorded).abs().max() < 1e-5
+    assert maps["encoder.layers.0.attn"][0].shape == (1, 4, 6, 6)
+    assert maps["decoder.layers.1.self_attn"][0].shape == (1, 4, 4, 4)
+    assert maps["decoder.layers.1.cross_attn"][0].shape == (1, 4, 4, 6)
+    assert all(m.recorded is None for m in model.modules() if hasattr(m, "recorded"))
+
+
+@pytest.mark.parametrize("family", ["encoder", "decoder", "encoder-decoder"])
+def test_overfitting_one_batch_drives_the_loss_near_zero(family):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(family, d_model=64, vocab_size=20))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 20, (4, 12))
+    y = torch.randint(0, 20, (4, 12))
+    for _ in range(80):
+        if family == "encoder-decoder":
+            logits = model(x, y[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), y[:, 1:].flatten())
+        elif family == "encoder":  # predict a fixed target at every position (like MLM)
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        else:
+            loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = Transformer(tiny_config("decoder", max_seq_len=16)).eval()
+    with pytest.raises(InputError, match="token id 50 is outside the table of size 50"):
+        model(torch.tensor([[1, 2, 50]]))
+    with pytest.raises(InputError, match="longer than max_seq_len=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(InputError, match="shape \\(batch, length\\)"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(InputError, match="padding mask has shape"):
+        model(torch.zeros(2, 5, dtype=torch.long), padding_mask=torch.ones(2, 4))
+    with pytest.raises(InputError, match="integer tensor"):
+        model(torch.zeros(1, 5))
+    with pytest.raises(InputError, match="padding_mask=mask"):
+        model(torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.long))
+    with pytest.raises(InputError, match="needs target tokens"):
+        Transformer(tiny_config("encoder-decoder"))(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_tied_output_layer_shares_the_embedding():
+    model = Transformer(tiny_config("decoder"))
+    assert model.lm_head.weight is model.tokens.weight
+    untied = Transformer(tiny_config("decoder", tie_embeddings=False))
+    assert untied.num_parameters() == model.num_parameters() + 50 * 32
