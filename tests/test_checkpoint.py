@@ -8,9 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qkv
-from qkv import CheckpointError, ConfigError, Tokenizer, Transformer
-
 from conftest import tiny_config
+from qkv import CheckpointError, ConfigError, Tokenizer, Transformer
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import qkv
-from qkv import InputError, Transformer
-
 from conftest import tiny_config
+from qkv import InputError, Transformer
 
 OPTIONS = list(itertools.product(
     ["learned", "sinusoidal", "rope"], ["layernorm", "rmsnorm"], ["pre", "post"],
