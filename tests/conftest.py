@@ -3,6 +3,10 @@ import torch
 
 import qkv
 
+# The test models are tiny: one thread is as fast as two, and two processes each spinning two
+# threads on a 2-core machine slow each other down by an order of magnitude.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

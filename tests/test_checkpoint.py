@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +36,9 @@ def test_save_load_is_bit_exact(tmp_path, family):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert loaded.lm_head.weight is loaded.tokens.weight  # still tied after loading
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o666 & ~umask
 
 
 def test_tied_weights_are_stored_once_and_tokenizer_round_trips(saved):
@@ -84,7 +89,7 @@ def test_a_failed_write_leaves_the_previous_file(saved, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("qkv.checkpoint.save_file", crash)
+    monkeypatch.setattr("qkv.io.save_file", crash)
     with torch.no_grad():
         model.tokens.weight.add_(1.0)
     with pytest.raises(OSError):

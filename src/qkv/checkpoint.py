@@ -13,16 +13,15 @@ so a process killed mid-write leaves the previous file intact, never half of a n
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
+from .io import atomic_write, atomic_write_safetensors, atomic_write_text  # noqa: F401
 from .model import Transformer
 
 if TYPE_CHECKING:
@@ -31,31 +30,15 @@ if TYPE_CHECKING:
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 
 
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+_atomic_write = atomic_write  # old private name, kept for callers not yet updated
 
 
 def save_weights(model: torch.nn.Module, path: Path, tied: dict[str, str] | None = None,
                  metadata: dict[str, str] | None = None) -> None:
     """Write the state dict as safetensors; keys in `tied` are left out (stored once)."""
     tied = tied or {}
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata or {}))
+    tensors = {k: v for k, v in model.state_dict().items() if k not in tied}
+    atomic_write_safetensors(path, tensors, metadata)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -47,6 +47,7 @@ def resolve(name: str) -> Path:
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated model...
         raise CheckpointError(
-            f"{name} is not a local directory and could not be fetched from the Hugging Face "
-            f"Hub ({type(e).__name__}); download it elsewhere and pass its directory"
+            f"{name} is not available locally (no such directory or cached download) and "
+            f"could not be fetched from the Hugging Face Hub ({type(e).__name__}); download it "
+            "elsewhere and pass its directory"
         ) from None
