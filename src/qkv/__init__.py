@@ -19,12 +19,14 @@ from .errors import (
     TokenizerError,
     UnsupportedModelError,
 )
+from .generate import generate
 from .layers.attention import attention, record_attention
 from .model import Transformer
+from .pipelines import pipeline
 from .tokenizer import Tokenizer
 
 __all__ = [
     "CheckpointError", "ConfigError", "InputError", "ModelConfig", "QkvError", "Tokenizer",
     "TokenizerError", "Transformer", "UnsupportedModelError", "__version__", "attention", "load",
-    "presets", "record_attention", "save",
+    "generate", "pipeline", "presets", "record_attention", "save",
 ]

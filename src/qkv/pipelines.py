@@ -1,0 +1,199 @@
+"""`qkv.pipeline`: text in, answers out, in one line (the Hugging Face `pipeline` idea).
+
+    clf = qkv.pipeline("sentiment-analysis", model="runs/sst2")
+    clf("a gripping, beautifully acted film")     # [{"label": "positive", "score": 0.98}]
+    clf(["great", "dull"])                        # one dict per text
+
+    fill = qkv.pipeline("fill-mask", model="runs/bert")
+    fill("Paris is the [MASK] of France.")        # [{"token_str": "capital", "score": ...}, ...]
+
+    emb = qkv.pipeline("feature-extraction", model="all-MiniLM-L6-v2")
+    emb(["a sentence", "another"])                # tensor (2, 384): one pooled vector per text
+
+    gen = qkv.pipeline("text-generation", model="runs/gpt")
+    gen("ROMEO:", max_new_tokens=50)              # [{"generated_text": "ROMEO: ..."}]
+
+A pipeline owns a model and its tokenizer, and does the rest: tokenizing, truncating to the
+model's max_seq_len, batching (by similar length), switching dropout off, and turning scores
+into labels. Outputs follow Hugging Face's shapes: a single string gives the result for that
+string, a list gives a list of results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import InputError
+from .tasks.common import load_model, resolve_precision
+
+if TYPE_CHECKING:
+    from .model import Transformer
+    from .tokenizer import Tokenizer
+
+TASK_ALIASES = {
+    "sentiment-analysis": "text-classification",
+    "text-classification": "text-classification",
+    "fill-mask": "fill-mask",
+    "feature-extraction": "feature-extraction",
+    "embeddings": "feature-extraction",
+    "text-generation": "text-generation",
+}
+DEFAULT_MODELS = {"feature-extraction": "all-MiniLM-L6-v2"}
+
+
+def pipeline(task: str, model: str | Path | tuple | Transformer | None = None,
+             tokenizer: Tokenizer | None = None, device: str | torch.device = "cpu",
+             batch_size: int = 32, precision: str = "fp32") -> Pipeline:
+    """A ready-to-call pipeline for `task`.
+
+    task: "sentiment-analysis" / "text-classification", "fill-mask", "feature-extraction", or
+        "text-generation".
+    model: a model directory, a name ("all-MiniLM-L6-v2"), a (model, tokenizer) pair, or a
+        Transformer (then pass `tokenizer`). feature-extraction defaults to all-MiniLM-L6-v2.
+    precision: "fp32" (exact), "bf16" (faster on CPUs with AMX), or "auto".
+    """
+    if task not in TASK_ALIASES:
+        raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASK_ALIASES)}")
+    kind = TASK_ALIASES[task]
+    if model is None:
+        model = DEFAULT_MODELS.get(kind)
+        if model is None:
+            raise InputError(f"pipeline({task!r}) needs a model: pass model=DIRECTORY")
+    if batch_size < 1:
+        raise InputError(f"batch_size={batch_size} must be at least 1")
+    net, tok = load_model(model, tokenizer, device)
+    net.eval()
+    cls = {"text-classification": TextClassificationPipeline, "fill-mask": FillMaskPipeline,
+           "feature-extraction": FeatureExtractionPipeline,
+           "text-generation": TextGenerationPipeline}[kind]
+    return cls(net, tok, task, batch_size, resolve_precision(precision, device))
+
+
+class Pipeline:
+    """A model, its tokenizer and one task; call it on a string or a list of strings."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, task: str, batch_size: int,
+                 precision: str) -> None:
+        self.model, self.tokenizer, self.task = model, tokenizer, task
+        self.batch_size, self.precision = batch_size, precision
+        self.check()
+
+    def check(self) -> None:
+        """Raise InputError if the model cannot do this task."""
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(task={self.task!r}, family={self.model.config.family}, "
+                f"precision={self.precision})")
+
+
+def _texts(inputs: str | Sequence[str], what: str = "text") -> tuple[list[str], bool]:
+    """(list of texts, whether a single string was given)."""
+    if isinstance(inputs, str):
+        return [inputs], True
+    if not isinstance(inputs, (list, tuple)):
+        raise InputError(f"expected a {what} or a list of them, got {type(inputs).__name__}")
+    if len(inputs) == 0:
+        raise InputError(f"got an empty list; pass at least one {what}")
+    for x in inputs:
+        if not isinstance(x, str):
+            raise InputError(f"every {what} must be a str, got {type(x).__name__}")
+    return list(inputs), False
+
+
+class TextClassificationPipeline(Pipeline):
+    """Label + probability per text, from a model fine-tuned with `qkv finetune classify`."""
+
+    def check(self) -> None:
+        if not self.model.config.labels:
+            raise InputError("this model has no classification head (its config has no labels);"
+                             " fine-tune one with `qkv finetune classify`")
+
+    def __call__(self, inputs: str | Sequence[str], top_k: int | None = 1) -> list[Any]:
+        """top_k=1: one {"label", "score"} per text; top_k=k or None (all): a ranked list.
+
+        A single string gives [result]; a list gives one result per text (with top_k=1 the
+        result is a dict, otherwise a list of dicts).
+        """
+        from .tasks.classify import predict_proba
+
+        texts, single = _texts(inputs)
+        labels = self.model.config.labels
+        k = len(labels) if top_k is None else top_k
+        if k < 1:
+            raise InputError(f"top_k={top_k} must be at least 1")
+        probs = predict_proba(self.model, self.tokenizer, texts, self.batch_size,
+                              precision=self.precision)  # (N, num_labels)
+        scores, order = probs.topk(min(k, len(labels)), dim=-1)
+        ranked = [[{"label": labels[i], "score": s} for s, i in
+                   zip(srow.tolist(), irow.tolist(), strict=True)]
+                  for srow, irow in zip(scores, order, strict=True)]
+        if single:
+            return ranked[0]
+        return [r[0] for r in ranked] if top_k == 1 else ranked
+
+
+class FillMaskPipeline(Pipeline):
+    """The most likely tokens for each [MASK] of a text (an encoder with a masked-LM head)."""
+
+    def check(self) -> None:
+        if self.model.config.family != "encoder":
+            raise InputError(f"fill-mask needs an encoder, not a {self.model.config.family} "
+                             "model")
+        if self.tokenizer.mask_id is None:
+            raise InputError("fill-mask needs a tokenizer with a [MASK] token")
+
+    def __call__(self, inputs: str | Sequence[str], top_k: int = 5) -> list[Any]:
+        """For one text with one [MASK]: a list of top_k {"token", "token_str", "score",
+        "sequence"}; with several [MASK]s: one such list per [MASK]. A list of texts gives one
+        such result per text."""
+        from .tasks.mlm import fill_mask_batch
+
+        texts, single = _texts(inputs)
+        results = fill_mask_batch(self.model, self.tokenizer, texts, top_k, self.batch_size)
+        shaped = [r[0] if len(r) == 1 else r for r in results]
+        return shaped[0] if single else shaped
+
+
+class FeatureExtractionPipeline(Pipeline):
+    """One pooled vector per text (config.pooling; unit length if the model normalises)."""
+
+    def __call__(self, inputs: str | Sequence[str],
+                 normalize: bool | None = None) -> torch.Tensor:
+        """A (d_model,) tensor for a string, (N, d_model) for a list of strings."""
+        from .embeddings import encode_sentences
+
+        texts, single = _texts(inputs)
+        vectors = encode_sentences(self.model, self.tokenizer, texts,
+                                   batch_size=self.batch_size, precision=self.precision,
+                                   normalize=normalize)
+        return vectors[0] if single else vectors
+
+
+class TextGenerationPipeline(Pipeline):
+    """Continue a prompt with `qkv.generate` (a decoder: GPT, Llama)."""
+
+    def check(self) -> None:
+        if self.model.config.family != "decoder":
+            raise InputError(f"text-generation needs a decoder model, not an "
+                             f"{self.model.config.family} one")
+
+    def __call__(self, inputs: str | Sequence[str], max_new_tokens: int = 50,
+                 temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, stop: str | Sequence[str] | None = None,
+                 seed: int | None = None, return_full_text: bool = True) -> list[Any]:
+        """[{"generated_text": ...}] for a prompt; one such list per prompt for a list.
+
+        return_full_text: the prompt followed by its continuation (True), or the continuation.
+        """
+        from .generate import generate
+
+        prompts, single = _texts(inputs, "prompt")
+        new = generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, seed=seed)
+        results = [[{"generated_text": prompt + text if return_full_text else text}]
+                   for prompt, text in zip(prompts, new, strict=True)]
+        return results[0] if single else results
