@@ -25,13 +25,6 @@ from qkv.tasks.common import bucketed_batches, resolve_precision
 NOUNS = "film movie plot cast story acting music script ending scene".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reviews(n: int, seed: int = 0) -> tuple[list[str], list[str]]:

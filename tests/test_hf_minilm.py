@@ -55,13 +55,6 @@ ACTIONS = ["fixed the broken bridge", "sang a quiet song", "planted tomatoes in 
 TAILS = ["", " yesterday", " before the storm arrived", " despite being very tired"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: small batches gain little from two, and lose a lot when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _sentences() -> list[str]:

@@ -21,14 +21,6 @@ TOL = 1e-5
 VOCAB = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread: with two, each small op pays for waking the other
-    thread, which is slow when other processes share the CPU (37 s -> 7 s for this file)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------- helpers

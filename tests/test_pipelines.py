@@ -13,13 +13,6 @@ from qkv.tasks.classify import with_classifier
 TEXTS = ["the film was good", "the plot was bad", "a long and winding story about a film"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
