@@ -1,0 +1,179 @@
+"""qkv train: train a GPT on a text file (or the bundled Shakespeare), then print a sample."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+
+ORDER = 10
+
+EPILOG = """examples:
+  qkv train                                   a small char GPT on tiny Shakespeare (~4 min)
+  qkv train --data my.txt --out runs/mine     your own text (a file or a folder of files)
+  qkv train --data books/ --tokenizer bpe --vocab-size 4096 --time-limit 30m
+  qkv train --preset gpt-char-tiny --max-steps 500 --precision fp32
+  qkv train --out runs/mine --resume          continue an interrupted run exactly
+
+Ctrl-C saves a checkpoint and prints the command that resumes it."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a GPT on your text, then print a sample",
+        description=(
+            "Train a decoder-only (GPT) language model on a UTF-8 text file or folder.\n"
+            "With no arguments it trains the gpt-char-small preset on the bundled tiny\n"
+            "Shakespeare. The run directory receives the best model (load it with qkv.load\n"
+            "or `qkv generate`), log.jsonl, and training/ (the state --resume continues from)."),
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # only the flags given appear in args
+    )
+    _one_line_errors(p)
+    data = p.add_argument_group("data")
+    data.add_argument("--data", metavar="PATH",
+                      help="UTF-8 text file or folder of files (default: tiny Shakespeare)")
+    data.add_argument("--tokenizer", choices=("char", "bpe"),
+                      help="char (default): one token per character; bpe: byte-level BPE")
+    data.add_argument("--vocab-size", type=_positive_int, metavar="N",
+                      help="vocabulary size of a bpe tokenizer (default 8000)")
+    data.add_argument("--val-fraction", type=float, metavar="F",
+                      help="fraction held out for validation (default 0.1, the end of the text)")
+    data.add_argument("--cache-dir", metavar="DIR",
+                      help="where token ids are cached (default: .qkv-cache next to --out)")
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", metavar="NAME",
+                       help="model preset (default gpt-char-small; see qkv.presets.names())")
+    model.add_argument("--n-layers", type=_positive_int, metavar="N")
+    model.add_argument("--d-model", type=_positive_int, metavar="N")
+    model.add_argument("--n-heads", type=_positive_int, metavar="N")
+    model.add_argument("--context", type=_positive_int, metavar="N",
+                       help="context length in tokens (the model's max_seq_len)")
+    model.add_argument("--dropout", type=float, metavar="P")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--max-steps", type=_positive_int, metavar="N",
+                     help="number of updates (default 500)")
+    opt.add_argument("--time-limit", type=parse_duration, metavar="TIME",
+                     help="stop after this long, e.g. 90s, 5m, 1h; alone, the learning-rate "
+                     "schedule is fitted to the time")
+    opt.add_argument("--batch-size", type=_positive_int, metavar="N")
+    opt.add_argument("--grad-accum", type=_positive_int, metavar="N",
+                     help="micro-batches per update (gradient accumulation)")
+    opt.add_argument("--lr", type=_positive_float, metavar="LR", help="peak learning rate")
+    opt.add_argument("--min-lr", type=float, metavar="LR",
+                     help="final learning rate of the cosine decay (default lr/10)")
+    opt.add_argument("--warmup-steps", type=int, metavar="N")
+    opt.add_argument("--weight-decay", type=float, metavar="W")
+    opt.add_argument("--grad-clip", type=float, metavar="C", help="0 turns clipping off")
+    run_ = p.add_argument_group("run")
+    run_.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset>)")
+    run_.add_argument("--resume", action="store_true",
+                      help="continue the run in --out from its last checkpoint")
+    run_.add_argument("--overwrite", action="store_true",
+                      help="start afresh in an --out that already holds a run")
+    run_.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
+    run_.add_argument("--precision", choices=("auto", "bf16", "fp32"),
+                      help="auto (default): bf16 where the hardware has it, else fp32")
+    run_.add_argument("--compile", action="store_true", help="use torch.compile")
+    run_.add_argument("--seed", type=int)
+    run_.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads")
+    run_.add_argument("--eval-every", type=_positive_int, metavar="N")
+    run_.add_argument("--eval-windows", type=_positive_int, metavar="N",
+                      help="validation windows per evaluation (default 500)")
+    run_.add_argument("--log-every", type=_positive_int, metavar="N")
+    run_.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run_.add_argument("--sample-tokens", type=int, metavar="N",
+                      help="tokens of the sample printed at the end (default 300; 0: none)")
+    run_.add_argument("--prompt", help="prompt of that sample (default: a new line)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..generate import generate
+    from ..train import TrainConfig, train
+    from ..train.checkpoint import find_training_checkpoint, read_state
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    resume = given.pop("resume", False)
+    overwrite = given.pop("overwrite", False)
+    progress = not given.pop("no_progress", False)
+    sample_tokens = given.pop("sample_tokens", 300)
+    prompt = given.pop("prompt", "\n")
+    if "time_limit" in given and "max_steps" not in given:
+        given["max_steps"] = None  # fit the schedule to the time
+    if resume:  # start from the run's own settings; flags given now override them
+        base = TrainConfig(**{k: v for k, v in given.items() if k in ("out", "preset")})
+        folder = find_training_checkpoint(Path(base.out_dir))
+        saved = read_state(folder)["config"] if folder is not None else {}
+        cfg = TrainConfig.from_dict({**saved, **given, "progress": progress})
+    else:
+        cfg = TrainConfig(**given, progress=progress)
+
+    result = train(cfg, resume=resume, overwrite=overwrite)
+    out = shlex.quote(str(result.out))
+    if result.stopped_by in ("SIGINT", "SIGTERM"):
+        print(f"qkv train: stopped at step {result.step}; resume with:\n"
+              f"  qkv train --out {out} --resume", file=sys.stderr)
+        return 130 if result.stopped_by == "SIGINT" else 143
+    if result.best_val_loss is not None:
+        print(f"best val loss {result.best_val_loss:.4f} after {result.step} steps "
+              f"({result.elapsed:.0f} s); model in {result.out}")
+    if sample_tokens > 0:
+        print("--- sample ---")
+        result.model.eval()
+        text = generate(result.model, result.tokenizer, prompt, max_new_tokens=sample_tokens,
+                        temperature=0.8, seed=cfg.seed,
+                        stream=lambda piece: print(piece, end="", flush=True))
+        if not text.endswith("\n"):
+            print()
+        print("---")
+    print(f"next: qkv generate {out} --prompt \"ROMEO:\"")
+    return 0
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90", "90s", "5m", "1.5h", "1h30m"."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    clean = text.strip().lower()
+    parts = re.fullmatch(r"((\d+(\.\d*)?|\.\d+)([smhd]?))+", clean)
+    if not clean or parts is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 5m or 1h30m")
+    seconds = sum(float(number) * units[unit or "s"]
+                  for number, _, unit in re.findall(r"(\d+(\.\d*)?|\.\d+)([smhd]?)", clean))
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive duration")
+    return seconds
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """A bad flag value prints one line ("qkv train: error: ...") and exits with status 2,
+    like every other user mistake, instead of argparse's usage block."""
+
+    def error(message: str):
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error  # type: ignore[method-assign]

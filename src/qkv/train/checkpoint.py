@@ -1,0 +1,145 @@
+"""Save and restore everything a training run needs to continue exactly where it stopped.
+
+    runs/x/
+      config.json, tokenizer.json, model.safetensors    the best model so far (what you load)
+      log.jsonl                                         one JSON line per log step / evaluation
+      training/                                         the latest state, to resume from
+        model.safetensors        the latest weights
+        optimizer.safetensors    AdamW's moments, per parameter, + hyperparameters (metadata)
+        state.json               step, random-generator states, data position, best val loss
+
+A checkpoint is several files that must agree with each other, so it is written as a whole into
+a fresh temporary folder (every file flushed to disk) and then swapped in with renames:
+
+    training.tmp/  --(complete)-->  training -> training.old,  training.tmp -> training,
+                                    delete training.old
+
+A process killed at any moment leaves either `training/` or, during the instant between the two
+renames, `training.old/`: always one complete checkpoint. Nothing is ever read with pickle.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..checkpoint import CONFIG, WEIGHTS, read_safetensors, save_weights
+from ..errors import CheckpointError
+
+TRAINING, STATE, OPTIMIZER = "training", "state.json", "optimizer.safetensors"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON and flush it to disk (inside a temporary checkpoint folder)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not possible on every platform; the renames are still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_training_checkpoint(out: Path, model: torch.nn.Module,
+                             optimizer_state: tuple[dict[str, torch.Tensor], dict[str, str]],
+                             state: dict[str, Any]) -> Path:
+    """Write out/training/ atomically (see the module docstring); returns its path."""
+    out = Path(out)
+    final, tmp, old = out / TRAINING, out / f"{TRAINING}.tmp", out / f"{TRAINING}.old"
+    if tmp.exists():  # left over by a run killed while writing
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_weights(model, tmp / WEIGHTS, getattr(model, "tied_weights", dict)())
+    tensors, metadata = optimizer_state
+    save_file(tensors, str(tmp / OPTIMIZER), metadata=metadata)
+    with open(tmp / OPTIMIZER, "rb+") as f:
+        os.fsync(f.fileno())
+    write_json(tmp / STATE, state)  # written last: its presence marks a complete folder
+    _fsync_dir(tmp)
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(out)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+def find_training_checkpoint(out: Path) -> Path | None:
+    """The complete checkpoint folder of a run (training/, or training.old/ if a swap was cut
+    short), or None."""
+    for name in (TRAINING, f"{TRAINING}.old"):
+        folder = Path(out) / name
+        if (folder / STATE).is_file() and (folder / WEIGHTS).is_file():
+            return folder
+    return None
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """The state.json of a checkpoint folder."""
+    path = Path(folder) / STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not readable ({e})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a qkv training state")
+    return state
+
+
+def read_optimizer(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a checkpoint's optimizer.safetensors."""
+    path = Path(folder) / OPTIMIZER
+    tensors = read_safetensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    return tensors, metadata
+
+
+def is_run_dir(out: Path) -> bool:
+    return (Path(out) / CONFIG).is_file() and find_training_checkpoint(out) is not None
+
+
+# ---------------------------------------------------------------------- random generator states
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The states of torch's random generators, as JSON-safe strings."""
+    state = {"torch": _b64(torch.get_rng_state())}
+    if device.type == "cuda":
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)

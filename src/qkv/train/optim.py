@@ -1,0 +1,107 @@
+"""The optimizer (AdamW), its learning-rate schedule, and its state as safetensors.
+
+AdamW (Loshchilov & Hutter 2019) keeps, for every weight, running averages of its gradient
+(`exp_avg`, the momentum) and of its squared gradient (`exp_avg_sq`), and moves the weight by
+their ratio. Weight decay pulls weights toward zero, separately from the gradient step. As in
+nanoGPT, every matrix (2-D or more: linear layers and embeddings) is decayed, and the vectors
+(biases, norm gains) are not: shrinking a norm's gain or a bias only hurts.
+
+The schedule: a linear warm-up from 0 to the peak learning rate (the first steps have noisy
+gradients and an optimizer that knows nothing yet), then a cosine decay down to `min_lr`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                   betas: tuple[float, float] = (0.9, 0.95),
+                   fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with two parameter groups: matrices (decayed) and vectors (not decayed)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """The learning rate of update number `step` (0-based): warm-up, then cosine to min_lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if step >= total:
+        return min_lr
+    progress = (step - warmup) / max(1, total - warmup)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ---------------------------------------------------------------------- state <-> safetensors
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer,
+                      names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Flatten the optimizer's state into named tensors plus JSON metadata.
+
+    `names` maps id(parameter) -> its name in the model, so the file reads like the weights file:
+    "decoder.layers.0.ffn.up.weight/exp_avg". The hyperparameters of each parameter group (and
+    which parameters it holds) go to the metadata as JSON.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    other: dict[str, dict] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        groups.append({
+            **{k: v for k, v in group.items() if k != "params"},
+            "params": [names[id(p)] for p in group["params"]],
+        })
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{names[id(p)]}/{key}"] = value.detach().cpu().contiguous()
+                else:
+                    other.setdefault(names[id(p)], {})[key] = value
+    metadata = {"param_groups": json.dumps(groups), "other_state": json.dumps(other)}
+    return tensors, metadata
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str],
+                           tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """The inverse of `optimizer_tensors`: restore the state into `optimizer`."""
+    try:
+        groups = json.loads(metadata["param_groups"])
+        other = json.loads(metadata.get("other_state", "{}"))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"the optimizer state has no readable metadata ({e})") from None
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"the optimizer state has {len(groups)} parameter groups, but the "
+                              f"optimizer has {len(optimizer.param_groups)}")
+    per_param: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        name, field = key.rsplit("/", 1)
+        per_param.setdefault(name, {})[field] = tensor
+    index = 0  # torch's state_dict numbers parameters in group order
+    state: dict[int, dict] = {}
+    saved_groups = []
+    for saved, group in zip(groups, optimizer.param_groups, strict=True):
+        mine = [names[id(p)] for p in group["params"]]
+        if saved["params"] != mine:
+            raise CheckpointError("the optimizer state was saved for different parameters")
+        for name in mine:
+            entry = {**per_param.get(name, {}), **other.get(name, {})}
+            if entry:
+                state[index] = entry
+            index += 1
+        ids = list(range(index - len(mine), index))
+        saved_groups.append({**saved, "params": ids, "betas": tuple(saved["betas"])})
+    optimizer.load_state_dict({"state": state, "param_groups": saved_groups})

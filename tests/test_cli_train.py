@@ -1,0 +1,131 @@
+"""`qkv train`, `qkv generate`, `qkv eval` on the command line: user mistakes and a smoke run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qkv.cli import main
+from qkv.data import BUNDLED
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+TEXT = BUNDLED.read_text(encoding="utf-8")[:30_000]
+TINY = ["--preset", "gpt-char-tiny", "--n-layers", "1", "--d-model", "32", "--n-heads", "2",
+        "--context", "32", "--batch-size", "4", "--eval-windows", "8", "--threads", "1",
+        "--no-progress"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("tiny.txt").write_text(TEXT, encoding="utf-8")
+    Path("empty.txt").write_text("")
+    Path("short.txt").write_text("To be, or not to be.\n")
+    Path("photo.jpg").write_bytes(bytes([0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x10, 0x4A, 0x46]) * 8)
+    Path("not-a-model").mkdir()
+    return tmp_path
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "missing.txt"], "data path missing.txt does not exist"),
+    (["train", "--data", "empty.txt"], "empty.txt is empty"),
+    (["train", "--data", "photo.jpg"], "photo.jpg is not UTF-8 text"),
+    (["train", "--data", "short.txt", *TINY], "the corpus is too short"),
+    (["train", "--resume", "--out", "nowhere"], "holds no training checkpoint"),
+    (["train", "--preset", "no-such-preset"], "unknown preset"),
+    (["generate", "not-a-model", "--prompt", "x"], "is not a model directory"),
+    (["generate", "tiny.txt", "--prompt", "x"], "is not a directory"),
+    (["eval", "not-a-model", "--data", "tiny.txt"], "is not a model directory"),
+    (["eval", "not-a-model", "--data", "photo.jpg"], "photo.jpg is not UTF-8 text"),
+])
+def test_user_mistakes_are_one_line_and_exit_code_2(workdir, capsys, argv, message):
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"qkv {argv[0]}: error: ") and message in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--time-limit", "abc"], "'abc' is not a duration"),
+    (["train", "--batch-size", "0"], "'0' must be at least 1"),
+    (["train", "--lr", "fast"], "'fast' is not a number"),
+    (["train", "--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["generate", "runs/x", "--top-k", "-3"], "'-3' must be at least 1"),
+])
+def test_bad_flag_values_are_one_line_and_exit_code_2(workdir, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"qkv {argv[0]}: error: ") and message in line
+
+
+def test_time_limits_read_like_people_write_them():
+    from qkv.commands.train import parse_duration
+
+    assert parse_duration("90") == 90 and parse_duration("90s") == 90
+    assert parse_duration("5m") == 300 and parse_duration("1h30m") == 5400
+    assert parse_duration("1.5h") == 5400
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "qkv.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_train_then_generate_then_eval_from_the_command_line(workdir):
+    trained = run_cli("train", "--data", "tiny.txt", *TINY, "--max-steps", "6",
+                      "--eval-every", "3", "--out", "run", "--sample-tokens", "20")
+    assert trained.returncode == 0, trained.stderr
+    assert "best val loss" in trained.stdout and "--- sample ---" in trained.stdout
+    assert {"config.json", "model.safetensors", "tokenizer.json", "log.jsonl",
+            "training"} <= {p.name for p in Path("run").iterdir()}
+    assert [json.loads(line)["step"] for line in Path("run/log.jsonl").read_text().splitlines()] \
+        == [3, 6]  # log lines every 10 steps and at every evaluation
+
+    generated = run_cli("generate", "run", "--prompt", "ROMEO:", "--max-new-tokens", "25",
+                        "--seed", "0")
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout.startswith("ROMEO:") and len(generated.stdout) > 10
+
+    evaluated = run_cli("eval", "run", "--data", "tiny.txt", "--max-windows", "20")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "perplexity" in evaluated.stdout
+
+
+def test_ctrl_c_saves_and_prints_the_resume_command(workdir):
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qkv.cli", "train", "--data", "tiny.txt", *TINY, "--out", "run",
+         "--max-steps", "100000", "--log-every", "1", "--eval-every", "100000"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = Path("run/log.jsonl")
+    deadline = time.time() + 120
+    while not (log.is_file() and log.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "resume with:\n  qkv train --out run --resume" in err
+    step = json.loads(Path("run/training/state.json").read_text())["step"]
+    assert step >= 3
+
+    resumed = run_cli("train", "--out", "run", "--resume", "--max-steps", str(step + 2),
+                      "--sample-tokens", "0")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming run at step {step}" in resumed.stderr
+    assert json.loads(Path("run/training/state.json").read_text())["step"] == step + 2

@@ -1,0 +1,181 @@
+"""qkv.generate: sampling filters, KV-cache decoding, batches, stop strings, context limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkv
+from qkv import InputError, Tokenizer
+from qkv.generate import (
+    decode_tokens,
+    filter_logits,
+    generate_seq2seq,
+    sample_next,
+    stream_generate,
+)
+
+TEXT = "the quick brown fox jumps over the lazy dog.\nTHE FIVE BOXING WIZARDS JUMP QUICKLY!\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train([TEXT], kind="char")
+
+
+def make_model(tokenizer, position="learned", max_seq_len=128, **kw) -> qkv.Transformer:
+    """A random 2-layer GPT whose logits are spread out (so that greedy choices are clear)."""
+    torch.manual_seed(0)
+    cfg = qkv.ModelConfig(family="decoder", vocab_size=tokenizer.vocab_size, d_model=32,
+                          n_layers=2, n_heads=4, max_seq_len=max_seq_len, position=position,
+                          tie_embeddings=False, **kw)
+    model = qkv.Transformer(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    return model
+
+
+def naive_greedy(model, ids: list[int], n: int) -> list[int]:
+    """The definition: run the whole sequence again for every new token."""
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[-n:]
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_cached_greedy_equals_uncached_for_100_tokens(tokenizer, position):
+    model = make_model(tokenizer, position)
+    prompt = tokenizer.encode("the quick")
+    cached = [int(t) for t in decode_tokens(model, [prompt], 100, temperature=0)]
+    assert cached == naive_greedy(model, prompt, 100)
+    assert len(set(cached)) > 1
+
+
+def test_filters_keep_exactly_the_top_k_and_nucleus_sets():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.2, 0.1]])
+    logits = probs.log()
+    allowed = lambda out: set(torch.isfinite(out[0]).nonzero().flatten().tolist())  # noqa: E731
+    assert allowed(filter_logits(logits, top_k=2)) == {1, 3}
+    assert allowed(filter_logits(logits, top_p=0.6)) == {1, 3}  # 0.5 < 0.6, 0.5 + 0.2 >= 0.6
+    assert allowed(filter_logits(logits, top_p=0.5)) == {1}  # the best token is always kept
+    assert allowed(filter_logits(logits, top_p=0.71)) == {1, 3, 2}
+    assert allowed(filter_logits(logits, top_k=3, top_p=0.6)) == {1, 3}
+    assert allowed(filter_logits(logits)) == {0, 1, 2, 3, 4}
+
+    generator = torch.Generator().manual_seed(0)
+    many = logits.expand(5000, -1)
+    drawn = set(sample_next(many, 1.0, top_k=3, generator=generator).tolist())
+    assert drawn == {1, 2, 3}  # all three allowed tokens show up; nothing else ever does
+    drawn = set(sample_next(many, 1.5, top_p=0.6, generator=generator).tolist())
+    assert drawn == {1, 3}
+    assert sample_next(logits, temperature=0).tolist() == [1]
+
+
+def test_sampling_with_a_seed_is_reproducible(tokenizer):
+    model = make_model(tokenizer)
+    a = qkv.generate(model, tokenizer, "the", max_new_tokens=40, seed=5)
+    b = qkv.generate(model, tokenizer, "the", max_new_tokens=40, seed=5)
+    c = qkv.generate(model, tokenizer, "the", max_new_tokens=40, seed=6)
+    assert a == b and a != c and len(a) == 40
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_a_left_padded_batch_equals_one_prompt_at_a_time(tokenizer, position):
+    model = make_model(tokenizer, position)
+    prompts = ["fox", "the lazy dog jumps", "WIZARDS", "q"]
+    batch = qkv.generate(model, tokenizer, prompts, max_new_tokens=30, temperature=0)
+    alone = [qkv.generate(model, tokenizer, p, max_new_tokens=30, temperature=0)
+             for p in prompts]
+    assert batch == alone
+    assert alone[0] == tokenizer.decode(naive_greedy(model, tokenizer.encode("fox"), 30))
+
+
+def test_stop_strings_end_the_text_and_never_stream(tokenizer):
+    model = make_model(tokenizer)
+    full = qkv.generate(model, tokenizer, "the", max_new_tokens=60, temperature=0)
+    stop = full[25:28]
+    pieces: list[str] = []
+    text = qkv.generate(model, tokenizer, "the", max_new_tokens=60, temperature=0, stop=[stop],
+                        stream=pieces.append)
+    assert text == full[:full.find(stop)]
+    assert "".join(pieces) == text and all(stop not in p for p in pieces)
+    rows = dict.fromkeys(range(2), "")
+    for i, piece in stream_generate(model, tokenizer, ["the", "the"], 60, temperature=0,
+                                    stop=stop):
+        rows[i] += piece
+    assert rows == {0: text, 1: text}
+
+
+def test_a_prompt_longer_than_the_context_is_an_error_unless_truncated(tokenizer):
+    model = make_model(tokenizer, max_seq_len=16)
+    long_prompt = "the quick brown fox jumps"
+    with pytest.raises(InputError, match="context is 16"):
+        qkv.generate(model, tokenizer, long_prompt, max_new_tokens=5)
+    kept_end = qkv.generate(model, tokenizer, long_prompt, max_new_tokens=5, temperature=0,
+                            truncate_left=True)
+    assert kept_end == qkv.generate(model, tokenizer, long_prompt[-16:], max_new_tokens=5,
+                                    temperature=0)
+
+
+def test_a_full_context_stops_or_slides(tokenizer):
+    model = make_model(tokenizer, max_seq_len=16)
+    prompt = tokenizer.encode("the quick ")  # 10 tokens
+    stopped = list(decode_tokens(model, [prompt], 30, temperature=0, on_full="stop"))
+    assert len(stopped) == 16 - 10 + 1  # the last token is predicted from 16 positions
+    slid = [int(t) for t in decode_tokens(model, [prompt], 30, temperature=0)]
+    assert len(slid) == 30 and slid[:7] == [int(t) for t in stopped]
+    # After the slide the window restarts at position 0, so the next token is the one the
+    # model predicts from the newest 12 tokens alone.
+    sequence = prompt + slid
+    assert slid[7] == naive_greedy(model, sequence[:17][-12:], 1)[0]
+
+
+def test_generate_checks_its_arguments(tokenizer):
+    model = make_model(tokenizer)
+    with pytest.raises(InputError, match="temperature"):
+        qkv.generate(model, tokenizer, "a", temperature=-1)
+    with pytest.raises(InputError, match="top_p"):
+        qkv.generate(model, tokenizer, "a", top_p=0)
+    with pytest.raises(InputError, match="top_k"):
+        qkv.generate(model, tokenizer, "a", top_k=0)
+    assert len(qkv.generate(model, tokenizer, "", max_new_tokens=3, temperature=0)) == 3
+    assert model.training is False
+
+
+def test_seq2seq_greedy_and_beam_search():
+    torch.manual_seed(0)
+    cfg = qkv.ModelConfig(family="encoder-decoder", vocab_size=20, d_model=32, n_layers=2,
+                          n_heads=4, max_seq_len=32, decoder_start_token_id=0, eos_token_id=1,
+                          tie_embeddings=False)
+    model = qkv.Transformer(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    src = torch.tensor([[5, 6, 7, 8, 9], [9, 3, 4, 2, 2]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    greedy = generate_seq2seq(model, src, mask, max_new_tokens=12)
+    for row in range(2):
+        tgt = [0]
+        with torch.no_grad():
+            for _ in range(12):
+                logits = model(src[row:row + 1, :int(mask[row].sum())], torch.tensor([tgt]))
+                tgt.append(int(logits[0, -1].argmax()))
+                if tgt[-1] == 1:
+                    break
+        expected = tgt[1:-1] if tgt[-1] == 1 else tgt[1:]
+        assert greedy[row] == expected
+    beams = generate_seq2seq(model, src, mask, max_new_tokens=12, beam_size=3)
+    assert len(beams) == 2 and all(all(2 <= t < 20 or t == 0 for t in b) for b in beams)
+
+
+def test_bf16_decoding_uses_matrix_vector_products_and_restores_the_layers(tokenizer):
+    model = make_model(tokenizer).to(torch.bfloat16)
+    prompt = tokenizer.encode("the quick")
+    steps = decode_tokens(model, [prompt], 40, temperature=0)
+    first = next(steps)
+    assert all("forward" in m.__dict__ for m in model.modules() if type(m) is torch.nn.Linear)
+    cached = [int(first)] + [int(t) for t in steps]
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert cached == naive_greedy(model, prompt, 40)  # full-sequence matmuls, no mv
