@@ -21,16 +21,13 @@ from safetensors.torch import load_file
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
-from .io import atomic_write, atomic_write_safetensors, atomic_write_text  # noqa: F401
+from .io import atomic_write_safetensors, atomic_write_text  # noqa: F401 (re-exported)
 from .model import Transformer
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
-
-
-_atomic_write = atomic_write  # old private name, kept for callers not yet updated
 
 
 def save_weights(model: torch.nn.Module, path: Path, tied: dict[str, str] | None = None,

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -60,6 +59,7 @@ from tokenizers import (
 from tokenizers import Tokenizer as BackendTokenizer
 
 from qkv.errors import InputError, QkvError, TokenizerError
+from qkv.io import atomic_write_text
 
 if TYPE_CHECKING:
     import torch
@@ -452,7 +452,7 @@ class Tokenizer:
         if path.is_dir() or path.suffix != ".json":
             path = path / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, self.backend.to_str(pretty=True))
+        atomic_write_text(path, self.backend.to_str(pretty=True))
         return path
 
     @classmethod
@@ -818,31 +818,3 @@ def _to_tensor(rows: list[list[int]], name: str) -> torch.Tensor:
     if not rows:
         return torch.zeros((0, 0), dtype=torch.long)
     return torch.tensor(rows, dtype=torch.long)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a partial file.
-
-    The text goes to a temporary file in the same directory, is flushed to disk, and then
-    ``os.replace`` swaps it in (a rename, which is atomic within one file system).
-    """
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable (POSIX); not possible or needed on every platform
-        directory = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(directory)
-    except OSError:
-        pass
-    finally:
-        os.close(directory)

@@ -14,13 +14,12 @@ ids. The tokenizer that a corpus trains is cached the same way.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
+from ..io import atomic_write
 from ..tokenizer import Tokenizer
 from .corpus import fingerprint, text_chunks
 
@@ -65,18 +64,15 @@ def tokenize_corpus(files: list[Path], tokenizer: Tokenizer, cache_dir: Path,
         encode = fast_encoder(tokenizer)
         total_bytes = sum(f.stat().st_size for f in files)
         bar = _progress_bar(total_bytes, progress)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as out:
                 for piece in text_chunks(files):
                     out.write(encode(piece).astype(dtype, copy=False).tobytes())
                     bar.update(len(piece.encode("utf-8")))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        try:
+            atomic_write(path, write)
         finally:
             bar.close()
     if path.stat().st_size == 0:

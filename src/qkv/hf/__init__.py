@@ -21,11 +21,11 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import save_file
 
-from ..checkpoint import CONFIG, _atomic_write, atomic_write_text, read_config_json
+from ..checkpoint import CONFIG, read_config_json
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, QkvError, UnsupportedModelError
+from ..io import atomic_write_safetensors, atomic_write_text
 from ..model import Transformer
 from . import bart, bert, gpt2, llama, marian
 from .common import WEIGHTS, add_prefix, read_hf_tensors, strip_prefix, to_hf, to_qkv
@@ -157,7 +157,7 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str | Path) -
     dtype = next(iter(state.values())).dtype
     hf_config["dtype"] = str(dtype).removeprefix("torch.")
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write_safetensors(path / WEIGHTS, tensors, metadata={"format": "pt"})
     atomic_write_text(path / CONFIG, json.dumps(hf_config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(path / "tokenizer.json")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import CheckpointError, InputError
 from .common import model_device, resolve_precision
@@ -152,7 +152,7 @@ class SearchIndex:
     def save(self, path: str | Path, dtype: str = "fp32") -> Path:
         """Write the index directory (atomically, file by file). dtype "fp16" halves its size."""
         from .. import __version__
-        from ..checkpoint import _atomic_write, atomic_write_text
+        from ..io import atomic_write_safetensors, atomic_write_text
 
         if dtype not in ("fp32", "fp16"):
             raise InputError(f"index dtype {dtype!r} is not one of fp32, fp16")
@@ -164,7 +164,7 @@ class SearchIndex:
         tensors = {"embeddings": matrix.contiguous()}
         if self.probe is not None:
             tensors["probe"] = self.probe.float().contiguous()
-        _atomic_write(path / EMBEDDINGS, lambda tmp: save_file(tensors, tmp))
+        atomic_write_safetensors(path / EMBEDDINGS, tensors)
         lines = "".join(json.dumps({"id": i, **p}, ensure_ascii=False) + "\n"
                         for i, p in enumerate(self.passages))
         atomic_write_text(path / PASSAGES, lines)
