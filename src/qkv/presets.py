@@ -30,6 +30,11 @@ _PRESETS: dict[str, dict[str, Any]] = {
                       norm_eps=1e-12, activation="gelu", dropout=0.1, type_vocab_size=2,
                       embedding_norm=True, mlm_transform=True, pooler=True, pooling="cls",
                       lm_head_bias=True),
+    # The default of `qkv train --family encoder`: a small post-LN BERT for masked-LM pre-training.
+    "bert-tiny": dict(family="encoder", vocab_size=8000, d_model=256, n_layers=4, n_heads=4,
+                      max_seq_len=128, position="learned", norm_placement="post",
+                      activation="gelu", type_vocab_size=2, embedding_norm=True,
+                      mlm_transform=True, lm_head_bias=True, pooling="mean"),
     # all-MiniLM-L6-v2: a 6-layer BERT used for sentence embeddings (mean pooling, normalised).
     "minilm-l6": dict(family="encoder", vocab_size=30522, d_model=384, n_layers=6, n_heads=12,
                       d_ff=1536, max_seq_len=512, position="learned", norm_placement="post",

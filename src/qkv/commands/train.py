@@ -1,4 +1,5 @@
-"""qkv train: train a GPT on a text file (or the bundled Shakespeare), then print a sample."""
+"""qkv train: train a GPT on a text file (or the bundled Shakespeare), then print a sample;
+or with --family encoder, pre-train a BERT by masked language modelling, then fill in a mask."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ EPILOG = """examples:
   qkv train --data books/ --tokenizer bpe --vocab-size 4096 --time-limit 30m
   qkv train --preset gpt-char-tiny --max-steps 500 --precision fp32
   qkv train --out runs/mine --resume          continue an interrupted run exactly
+  qkv train --family encoder --data my.txt --out runs/bert   a masked-LM BERT (bert-tiny)
 
 Ctrl-C saves a checkpoint and prints the command that resumes it."""
 
@@ -26,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Train a decoder-only (GPT) language model on a UTF-8 text file or folder.\n"
             "With no arguments it trains the gpt-char-small preset on the bundled tiny\n"
             "Shakespeare. The run directory receives the best model (load it with qkv.load\n"
-            "or `qkv generate`), log.jsonl, and training/ (the state --resume continues from)."),
+            "or `qkv generate`), log.jsonl, and training/ (the state --resume continues from).\n"
+            "--family encoder pre-trains a BERT-style encoder by masked language modelling\n"
+            "instead (default preset bert-tiny, wordpiece tokenizer)."),
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # only the flags given appear in args
     )
@@ -34,17 +38,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--data", metavar="PATH",
                       help="UTF-8 text file or folder of files (default: tiny Shakespeare)")
-    data.add_argument("--tokenizer", choices=("char", "bpe"),
-                      help="char (default): one token per character; bpe: byte-level BPE")
+    data.add_argument("--tokenizer", choices=("char", "bpe", "wordpiece"),
+                      help="char (default): one token per character; bpe: byte-level BPE; "
+                      "wordpiece (default of an encoder): BERT's, with a [MASK] token")
     data.add_argument("--vocab-size", type=_positive_int, metavar="N",
-                      help="vocabulary size of a bpe tokenizer (default 8000)")
+                      help="vocabulary size of a bpe or wordpiece tokenizer (default 8000)")
     data.add_argument("--val-fraction", type=float, metavar="F",
                       help="fraction held out for validation (default 0.1, the end of the text)")
     data.add_argument("--cache-dir", metavar="DIR",
                       help="where token ids are cached (default: .qkv-cache next to --out)")
     model = p.add_argument_group("model")
+    model.add_argument("--family", choices=("decoder", "encoder"),
+                       help="decoder (default): next-token prediction (GPT); encoder: masked "
+                       "language modelling (BERT)")
     model.add_argument("--preset", metavar="NAME",
-                       help="model preset (default gpt-char-small; see qkv.presets.names())")
+                       help="model preset (default gpt-char-small, or bert-tiny for an encoder; "
+                       "see qkv.presets.names())")
     model.add_argument("--n-layers", type=_positive_int, metavar="N")
     model.add_argument("--d-model", type=_positive_int, metavar="N")
     model.add_argument("--n-heads", type=_positive_int, metavar="N")
@@ -105,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     if "time_limit" in given and "max_steps" not in given:
         given["max_steps"] = None  # fit the schedule to the time
     if resume:  # start from the run's own settings; flags given now override them
-        base = TrainConfig(**{k: v for k, v in given.items() if k in ("out", "preset")})
+        base = TrainConfig(**{k: v for k, v in given.items()
+                              if k in ("out", "preset", "family")})
         folder = find_training_checkpoint(Path(base.out_dir))
         saved = read_state(folder)["config"] if folder is not None else {}
         cfg = TrainConfig.from_dict({**saved, **given, "progress": progress})
@@ -121,6 +131,11 @@ def run(args: argparse.Namespace) -> int:
     if result.best_val_loss is not None:
         print(f"best val loss {result.best_val_loss:.4f} after {result.step} steps "
               f"({result.elapsed:.0f} s); model in {result.out}")
+    if cfg.family == "encoder":
+        if sample_tokens > 0:
+            _print_fill_mask(result, cfg)
+        print(f"next: qkv fill-mask {out} \"The [MASK] of the story.\"")
+        return 0
     if sample_tokens > 0:
         print("--- sample ---")
         result.model.eval()
@@ -132,6 +147,27 @@ def run(args: argparse.Namespace) -> int:
         print("---")
     print(f"next: qkv generate {out} --prompt \"ROMEO:\"")
     return 0
+
+
+def _print_fill_mask(result, cfg) -> None:
+    """A fill-mask example: a line of the held-out end of the text with one word masked."""
+    from ..data import corpus_files
+    from ..tasks.mlm import fill_mask
+
+    with open(corpus_files(cfg.data)[-1], "rb") as f:  # the last few kilobytes only
+        f.seek(max(0, f.seek(0, 2) - 8192))
+        tail = f.read().decode("utf-8", errors="ignore")
+    words = next((line.split() for line in tail.splitlines()[1:] if 5 <= len(line.split()) <= 12),
+                 None)
+    if words is None:
+        return
+    words[len(words) // 2] = "[MASK]"
+    text = " ".join(words)
+    print(f"--- fill-mask: {text} ---")
+    result.model.eval()
+    for guess in fill_mask(result.model, result.tokenizer, text, top_k=5)[0]:
+        print(f"  {guess['score']:.4f}  {guess['token_str']}")
+    print("---")
 
 
 def parse_duration(text: str) -> float:

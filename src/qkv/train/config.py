@@ -10,23 +10,34 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .. import presets
 from ..errors import ConfigError
 from .hardware import DEVICES, PRECISIONS
 
-TOKENIZERS = ("char", "bpe")
+TOKENIZERS = ("char", "bpe", "wordpiece")
+FAMILIES = ("decoder", "encoder")
+#: What a family trains when no --preset / --tokenizer is given.
+DEFAULT_PRESET = {"decoder": "gpt-char-small", "encoder": "bert-tiny"}
+DEFAULT_TOKENIZER = {"decoder": "char", "encoder": "wordpiece"}
 
 
 @dataclass
 class TrainConfig:
     """A training run. Sizes left as None come from the preset.
 
+    Objective
+        family: "decoder" (next-token prediction, a GPT) or "encoder" (masked language
+        modelling, a BERT: 15% of the tokens are hidden and the loss is taken there only).
     Data
         data: a UTF-8 text file or a folder of them (None: the bundled tiny Shakespeare).
-        tokenizer: "char" (one token per character) or "bpe" (byte-level BPE of vocab_size).
+        tokenizer: "char" (one token per character), "bpe" (byte-level BPE of vocab_size) or
+        "wordpiece" (BERT's, with a [MASK] token). Default: char for a decoder, wordpiece for an
+        encoder.
         val_fraction: the last part of the token stream held out for validation.
         cache_dir: where tokenized corpora are cached (default: .qkv-cache next to `out`).
     Model
-        preset: a name from qkv.presets; n_layers, d_model, n_heads, context (max_seq_len) and
+        preset: a name from qkv.presets (default gpt-char-small, or bert-tiny for an encoder);
+        its family must be `family`. n_layers, d_model, n_heads, context (max_seq_len) and
         dropout override it.
     Optimisation
         batch_size windows of `context` tokens per micro-batch, grad_accum micro-batches per
@@ -41,13 +52,14 @@ class TrainConfig:
         compile (torch.compile), seed, threads, progress (the progress bar).
     """
 
+    family: str = "decoder"
     data: str | None = None
-    tokenizer: str = "char"
+    tokenizer: str | None = None  # None: the family's default
     vocab_size: int | None = None
     val_fraction: float = 0.1
     cache_dir: str | None = None
 
-    preset: str = "gpt-char-small"
+    preset: str | None = None  # None: the family's default
     n_layers: int | None = None
     d_model: int | None = None
     n_heads: int | None = None
@@ -79,6 +91,12 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family={self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.preset is None:
+            self.preset = DEFAULT_PRESET[self.family]
+        if self.tokenizer is None:
+            self.tokenizer = DEFAULT_TOKENIZER[self.family]
         self.validate()
 
     @property
@@ -91,7 +109,19 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.tokenizer not in TOKENIZERS:
-            raise ConfigError(f"tokenizer={self.tokenizer!r} is not one of char, bpe")
+            raise ConfigError(f"tokenizer={self.tokenizer!r} is not one of "
+                              f"{', '.join(TOKENIZERS)}")
+        if self.family == "encoder" and self.tokenizer != "wordpiece":
+            raise ConfigError(f"masked-LM training needs a [MASK] token and the {self.tokenizer} "
+                              "tokenizer has none; use --tokenizer wordpiece")
+        if self.preset in presets.names():
+            preset_family = presets.get(self.preset).family
+            if preset_family != self.family:
+                hint = (f"pass --family {preset_family}, or " if preset_family in FAMILIES
+                        else "")
+                raise ConfigError(f"preset {self.preset!r} has family {preset_family}, not "
+                                  f"{self.family}; {hint}choose a preset of family "
+                                  f"{self.family}")
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r} is not one of {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:

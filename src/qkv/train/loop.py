@@ -1,4 +1,5 @@
-"""The training loop of a GPT-style language model, written out in one place.
+"""The training loop of a GPT-style language model (or, with family="encoder", of a BERT-style
+masked language model), written out in one place.
 
     1. hardware     device, number format (bf16 / fp32), threads
     2. data         corpus -> tokenizer -> token ids (cached) -> train / validation split
@@ -47,6 +48,7 @@ from ..data import (
 )
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
+from ..tasks.mlm import MLMBatches, mask_fixed_batches
 from ..tokenizer import Tokenizer
 from .checkpoint import (
     find_training_checkpoint,
@@ -143,9 +145,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool,
     else:
         model_cfg = presets.get(cfg.preset, vocab_size=tokenizer.vocab_size,
                                 **cfg.model_overrides())
-    if model_cfg.family != "decoder":
-        raise ConfigError(f"qkv train trains decoder (GPT) models; preset {cfg.preset!r} is an "
-                          f"{model_cfg.family}")
+    if model_cfg.family != cfg.family:
+        raise ConfigError(f"the model in {out} has family {model_cfg.family}, not {cfg.family}")
     context = model_cfg.max_seq_len
     train_ids, val_ids = split(tokens, cfg.val_fraction, context)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * context
@@ -162,6 +163,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool,
     names = {id(p): name for name, p in model.named_parameters()}
     batches = LMBatches(train_ids, context, cfg.batch_size, seed=cfg.seed)
     val_batches = eval_batches(val_ids, context, cfg.batch_size, cfg.eval_windows)
+    if cfg.family == "encoder":  # masked LM: the labels are -100 except at the hidden tokens
+        batches = MLMBatches(batches, tokenizer, seed=cfg.seed)
+        val_batches = mask_fixed_batches(val_batches, tokenizer, seed=cfg.seed)
     forward = _compiled(model, val_batches[0], device, precision) if cfg.compile else model
 
     # ---- 5. resume, or start a fresh run directory -------------------------------------------
@@ -218,7 +222,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool,
 
             # One update = grad_accum micro-batches whose gradients add up.
             for _ in range(cfg.grad_accum):
-                x, y = next(batches)  # (B, T) inputs and (B, T) next-token targets
+                x, y = next(batches)  # (B, T) inputs and (B, T) next-token (or masked) targets
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with training_attention(device, precision):
                     with autocast(device, precision):
@@ -291,7 +295,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool,
 @torch.inference_mode()
 def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]],
              device: torch.device, precision: str = "fp32") -> float:
-    """Mean next-token cross-entropy (nats per token) of `model` over fixed batches."""
+    """Mean cross-entropy (nats per token) of `model` over fixed batches: next-token targets,
+    or masked-LM labels, where only the labels that are not -100 count."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -301,9 +306,9 @@ def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]
         y = y.to(device)
         total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
                                  reduction="sum").item()
-        count += y.numel()
+        count += int((y != -100).sum())
     model.train(was_training)
-    return total / count
+    return total / max(count, 1)
 
 
 # ---------------------------------------------------------------------- helpers of the loop
@@ -327,17 +332,17 @@ def _fit_schedule(cfg: TrainConfig, step: int, seconds: float,
 
 
 def compiled_forward(model: Transformer) -> Callable[[torch.Tensor], torch.Tensor]:
-    """model(tokens) with the decoder stack compiled by torch.compile (the token lookup, which
-    checks ids on the host, and the output layer stay eager).
+    """model(tokens) with the decoder (or encoder) stack compiled by torch.compile (the token
+    lookup, which checks ids on the host, and the output layer stay eager).
 
     The position table also checks its ids on the host, which splits the compiled graph in two
     ("graph break"); that is expected, so dynamo's multi-line notice about it is silenced.
     """
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
-    decoder = torch.compile(model.decoder)
+    stack = torch.compile(model.decoder if model.encoder is None else model.encoder)
 
     def forward(tokens: torch.Tensor) -> torch.Tensor:
-        return model.logits(decoder(model.tokens(tokens)))  # (B, T, vocab)
+        return model.logits(stack(model.tokens(tokens)))  # (B, T, vocab)
 
     return forward
 
