@@ -46,6 +46,8 @@ def check_ids(ids: torch.Tensor, size: int, what: str) -> None:
     """Raise InputError for an id outside [0, size): torch would fail with an opaque message."""
     if ids.dtype not in (torch.int64, torch.int32):
         raise InputError(f"{what}s must be an integer tensor, got {ids.dtype}")
-    if ids.numel() and (int(ids.max()) >= size or int(ids.min()) < 0):
-        bad = int(ids.max()) if int(ids.max()) >= size else int(ids.min())
-        raise InputError(f"{what} {bad} is outside the table of size {size}")
+    if ids.numel():
+        low, high = (int(v) for v in torch.aminmax(ids))  # one pass, one device sync
+        if high >= size or low < 0:
+            bad = high if high >= size else low
+            raise InputError(f"{what} {bad} is outside the table of size {size}")
