@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -61,11 +60,11 @@ BABY_RECIPE = dict(preset="gpt-char-tiny", batch_size=32, lr=4e-3, min_lr=4e-4,
 
 def qkv_step(cfg: qkv.ModelConfig, batch: torch.Tensor, precision: str, compile: bool = False):
     """One training step exactly as qkv.train's loop does it (`--compile`: torch.compile)."""
-    from qkv.train.loop import compiled_forward
+    from qkv.train.loop import compiled_forward, lm_loss
     from qkv.train.optim import make_optimizer
 
     model = qkv.Transformer(cfg).train()
-    forward = compiled_forward(model) if compile else model
+    hidden = compiled_forward(model) if compile else model.hidden_states
     optimizer = make_optimizer(model, 1e-4, 0.1, fused=True)
     device = torch.device("cpu")
     x, y = batch[:, :-1], batch[:, 1:]
@@ -73,8 +72,7 @@ def qkv_step(cfg: qkv.ModelConfig, batch: torch.Tensor, precision: str, compile:
     def step() -> None:
         with training_attention(device, precision):
             with autocast(device, precision):
-                logits = forward(x)  # (B, T, vocab)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                loss = lm_loss(model, hidden, x, y)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

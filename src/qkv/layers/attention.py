@@ -86,24 +86,41 @@ class KVCache:
     """
 
     def __init__(self) -> None:
-        self.k: torch.Tensor | None = None  # (B, Hkv, T_past, D)
+        self.k: torch.Tensor | None = None  # (B, Hkv, T_past, D): views into the buffers
         self.v: torch.Tensor | None = None
+        self._k: torch.Tensor | None = None  # (B, Hkv, capacity, D) with room to grow
+        self._v: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return 0 if self.k is None else self.k.shape[-2]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None:
-            self.k, self.v = k, v
-        else:
-            self.k = torch.cat((self.k, k), dim=-2)
-            self.v = torch.cat((self.v, v), dim=-2)
+        """Add the keys and values of new positions; return those of all positions so far.
+
+        The cache is a buffer with spare room, written in place: a new token costs a copy of its
+        own keys and values, not of the whole past (as `torch.cat` would). When the buffer is
+        full it is reallocated with twice the room, so copies stay rare.
+        """
+        past, new = len(self), k.shape[-2]
+        if self._k is None or past + new > self._k.shape[-2]:
+            capacity = max(64, 2 * (past + new))
+            grown_k = k.new_empty(*k.shape[:-2], capacity, k.shape[-1])
+            grown_v = v.new_empty(*v.shape[:-2], capacity, v.shape[-1])
+            if past:
+                grown_k[..., :past, :] = self.k
+                grown_v[..., :past, :] = self.v
+            self._k, self._v = grown_k, grown_v
+        self._k[..., past:past + new, :] = k
+        self._v[..., past:past + new, :] = v
+        self.k, self.v = self._k[..., :past + new, :], self._v[..., :past + new, :]
         return self.k, self.v
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam search reorders hypotheses)."""
-        if self.k is not None:
-            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+        if self._k is not None:
+            n = len(self)
+            self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
+            self.k, self.v = self._k[..., :n, :], self._v[..., :n, :]
 
 
 class _Heads(nn.Module):

@@ -166,7 +166,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool,
     if cfg.family == "encoder":  # masked LM: the labels are -100 except at the hidden tokens
         batches = MLMBatches(batches, tokenizer, seed=cfg.seed)
         val_batches = mask_fixed_batches(val_batches, tokenizer, seed=cfg.seed)
-    forward = _compiled(model, val_batches[0], device, precision) if cfg.compile else model
+    hidden = (_compiled(model, val_batches[0], device, precision) if cfg.compile
+              else model.hidden_states)  # tokens (B, T) -> last layer's vectors (B, T, d)
 
     # ---- 5. resume, or start a fresh run directory -------------------------------------------
     step, best, elapsed_before, tokens_seen = 0, math.inf, 0.0, 0
@@ -226,8 +227,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool,
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with training_attention(device, precision):
                     with autocast(device, precision):
-                        logits = forward(x)  # (B, T, vocab)
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                        loss = lm_loss(model, hidden, x, y)
                     (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach()
                 losses_counted += 1
@@ -301,11 +301,9 @@ def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]
     model.eval()
     total, count = 0.0, 0
     for x, y in batches:
+        x, y = x.to(device), y.to(device)
         with autocast(device, precision):
-            logits = model(x.to(device))  # (B, T, vocab)
-        y = y.to(device)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
-                                 reduction="sum").item()
+            total += lm_loss(model, model.hidden_states, x, y, reduction="sum").item()
         count += int((y != -100).sum())
     model.train(was_training)
     return total / max(count, 1)
@@ -331,9 +329,29 @@ def _fit_schedule(cfg: TrainConfig, step: int, seconds: float,
     return step + max(1, more), calibration_start
 
 
+def lm_loss(model: Transformer, hidden: Callable[[torch.Tensor], torch.Tensor],
+            x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Mean (or, with reduction="sum", summed) cross-entropy of the targets `y` (B, T) that are
+    not -100, given inputs `x` (B, T).
+
+    `hidden` maps tokens to the last layer's vectors (model.hidden_states, or a compiled stack).
+    Only the positions with a target go through the output layer: for next-token training that
+    is all of them; for masked-LM training about 15%, which skips most of the cost of the
+    largest matrix (d_model x vocab) and of BERT's MLM transform before it.
+    """
+    h = hidden(x)  # (B, T, d)
+    picked = y != -100
+    if model.config.family == "encoder":
+        h, y = h[picked], y[picked]  # (M, d), (M,) for the M masked positions
+    else:
+        h, y = h.flatten(0, 1), y.flatten()
+    return F.cross_entropy(model.logits(h).float(), y, reduction=reduction)
+
+
 def compiled_forward(model: Transformer) -> Callable[[torch.Tensor], torch.Tensor]:
-    """model(tokens) with the decoder (or encoder) stack compiled by torch.compile (the token
-    lookup, which checks ids on the host, and the output layer stay eager).
+    """tokens (B, T) -> last layer's vectors (B, T, d), with the decoder (or encoder) stack
+    compiled by torch.compile (the token lookup, which checks ids on the host, stays eager;
+    so does the output layer, applied by the caller).
 
     The position table also checks its ids on the host, which splits the compiled graph in two
     ("graph break"); that is expected, so dynamo's multi-line notice about it is silenced.
@@ -342,29 +360,30 @@ def compiled_forward(model: Transformer) -> Callable[[torch.Tensor], torch.Tenso
     stack = torch.compile(model.decoder if model.encoder is None else model.encoder)
 
     def forward(tokens: torch.Tensor) -> torch.Tensor:
-        return model.logits(stack(model.tokens(tokens)))  # (B, T, vocab)
+        return stack(model.tokens(tokens))  # (B, T, d)
 
     return forward
 
 
 def _compiled(model: Transformer, batch: tuple[torch.Tensor, torch.Tensor],
               device: torch.device, precision: str):
-    """The compiled forward, tried once on a batch; the plain model (and a one-line warning)
-    if compiling fails. The trial leaves no trace: gradients and random state are restored."""
+    """The compiled stack (tokens -> last hidden states), tried once on a batch; the eager
+    model.hidden_states (and a one-line warning) if compiling fails. The trial leaves no
+    trace: gradients and random state are restored."""
     rng = torch.get_rng_state()
     try:
         compiled = compiled_forward(model)
         x, y = batch[0].to(device), batch[1].to(device)
         with training_attention(device, precision):
             with autocast(device, precision):
-                logits = compiled(x)
-            F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).backward()
+                loss = lm_loss(model, compiled, x, y)
+            loss.backward()
         return compiled
     except Exception as e:  # any failure inside the compiler stack
         first_line = (str(e).strip().splitlines() or [""])[0][:120]
         print(f"qkv: warning: torch.compile failed ({type(e).__name__}: {first_line}); "
               "training without it", file=sys.stderr)
-        return model
+        return model.hidden_states
     finally:
         model.zero_grad(set_to_none=True)
         torch.set_rng_state(rng)

@@ -1,0 +1,141 @@
+"""Int8 weights: a model 4x smaller than fp32, and faster at generating text on a CPU.
+
+Why it is faster. Generating one token multiplies every weight matrix by a single vector, so the
+work is small and the time goes into *reading the weights from memory*: GPT-2 124M streams about
+500 MB per token in fp32, 250 MB in bf16 and 125 MB in int8. On a laptop CPU, with ~20 GB/s of
+memory bandwidth, the number of bytes per weight sets the speed.
+
+How a weight matrix W (out x in) becomes int8 (symmetric, one scale per output row):
+
+    scale[i] = max_j |W[i, j]| / 127
+    Q[i, j]  = round(W[i, j] / scale[i])          an integer in [-127, 127]
+    W        ~ Q * scale[:, None]                 error at most scale[i] / 2 per weight
+
+A row has its own scale, so one large row does not blur the others.
+
+How y = x @ W.T + b is computed. Two ways, chosen by `activations`:
+
+- "int8" (dynamic quantization, the default on x86 CPUs): the input vector is also turned into
+  8-bit integers at every call, with its own range; FBGEMM, PyTorch's x86 integer kernels, then
+  multiplies int8 by int8 with int32 sums and rescales to fp32. Fastest: the weights are read
+  once, as bytes, by kernels that keep up with the memory.
+- "float" (weight-only): the input stays in floating point and the int8 weight is scaled back to
+  floats for the product. More exact (only the weights are rounded), slower where no fused
+  kernel exists; used on GPUs and wherever FBGEMM is missing.
+
+Quality is measured, not assumed: benchmarks/bench_decode.py prints the validation loss of a
+trained model with fp32, bf16 and int8 weights (see docs/training.md).
+
+    model = qkv.quantize_int8(model)   # in place: every nn.Linear, and the output layer
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import InputError
+
+ACTIVATIONS = ("int8", "float")
+_HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 matrix, fp32 scale per row) with weight ~ q * scale[:, None]."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,) a zero row keeps scale > 0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def fbgemm_available() -> bool:
+    """Whether PyTorch has its x86 int8 kernels (FBGEMM) on this machine."""
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+        torch.ops.quantized, "linear_dynamic")
+
+
+class Int8Linear(nn.Module):
+    """A linear layer whose weight is stored as int8 with one fp32 scale per output row."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 activations: str = "int8"):
+        super().__init__()
+        if activations not in ACTIVATIONS:
+            raise InputError(f"activations={activations!r} is not one of "
+                             f"{', '.join(ACTIVATIONS)}")
+        q, scale = quantize_rows(weight)
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.activations = activations
+        self._packed = None  # FBGEMM's pre-arranged copy of the weight, made on first use
+        self._scale_bf16: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, activations: str = "int8") -> Int8Linear:
+        return cls(layer.weight, layer.bias, activations)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as floats again: (out, in)."""
+        return self.qweight.to(dtype) * self.scale[:, None].to(dtype)
+
+    def _fbgemm(self) -> object:
+        if self._packed is None:
+            with warnings.catch_warnings():  # quantized-tensor constructors warn of their future
+                warnings.simplefilter("ignore")
+                qw = torch._make_per_channel_quantized_tensor(
+                    self.qweight, self.scale.double(),
+                    torch.zeros(self.out_features, dtype=torch.long), 0)
+                self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations == "int8" and x.device.type == "cpu" and fbgemm_available():
+            flat = x.reshape(-1, self.in_features).float()
+            # reduce_range=False: the full 8 bits for the input; the int32 sums of VNNI/AMX
+            # (and FBGEMM's 16-bit-safe path on older CPUs) keep the products exact.
+            y = torch.ops.quantized.linear_dynamic(flat, self._fbgemm(), False)
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _HAS_INT8PACK:
+            # PyTorch's weight-only kernel: int8 rows scaled on the fly, bf16 in and out.
+            if self._scale_bf16 is None:
+                self._scale_bf16 = self.scale.to(torch.bfloat16)
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight,
+                                          self._scale_bf16)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if bias is None else y + bias
+        return F.linear(x, self.dequantized(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activations={self.activations}")
+
+
+def quantize_int8(model: nn.Module, activations: str = "int8") -> nn.Module:
+    """Replace every nn.Linear of `model` (the output layer included) by an Int8Linear, in place.
+
+    The token embedding keeps its float table (a lookup reads one row, not the whole matrix);
+    the output layer, which shares that table in tied models, gets its own int8 copy. Layer
+    norms, biases and the attention arithmetic stay in floating point. The result is for
+    inference: `qkv.save` refuses it (save the float model instead).
+    """
+    if activations not in ACTIVATIONS:
+        raise InputError(f"activations={activations!r} is not one of {', '.join(ACTIVATIONS)}")
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise InputError("the model has no linear layers to quantize (already quantized?)")
+    if activations == "int8" and next(model.parameters()).dtype != torch.float32:
+        model.float()  # FBGEMM takes fp32 inputs; the non-linear parts are tiny
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, Int8Linear.from_linear(child, activations))
+    return model.eval()
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Int8Linear) for m in model.modules())
