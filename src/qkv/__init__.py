@@ -23,10 +23,11 @@ from .generate import generate
 from .layers.attention import attention, record_attention
 from .model import Transformer
 from .pipelines import pipeline
+from .quantize import quantize_int8
 from .tokenizer import Tokenizer
 
 __all__ = [
     "CheckpointError", "ConfigError", "InputError", "ModelConfig", "QkvError", "Tokenizer",
     "TokenizerError", "Transformer", "UnsupportedModelError", "__version__", "attention", "load",
-    "generate", "pipeline", "presets", "record_attention", "save",
+    "generate", "pipeline", "presets", "quantize_int8", "record_attention", "save",
 ]

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, InputError
 from .io import atomic_write_safetensors, atomic_write_text  # noqa: F401 (re-exported)
 from .model import Transformer
 
@@ -75,10 +75,12 @@ def save(model: Transformer, tokenizer: Tokenizer | None, path: str | Path,
     if format == "hf":
         from .hf import save_hf
 
+        _refuse_quantized(model)
         save_hf(model, tokenizer, path)
         return path
     if format != "qkv":
         raise ConfigError(f"format={format!r} is not one of qkv, hf")
+    _refuse_quantized(model)
     path.mkdir(parents=True, exist_ok=True)
     save_weights(model, path / WEIGHTS, model.tied_weights())
     model.config.to_json(path / CONFIG)
@@ -133,3 +135,11 @@ def load(path: str | Path, device: str | torch.device = "cpu",
             tokenizer = Tokenizer.load(path / TOKENIZER)
     model.to(device=device, dtype=dtype).eval()
     return model, tokenizer
+
+
+def _refuse_quantized(model: Transformer) -> None:
+    from .quantize import is_quantized
+
+    if is_quantized(model):
+        raise InputError("this model has int8 weights (qkv.quantize_int8), which are for "
+                         "inference only; save the float model it was made from")

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  qkv generate runs/gpt-char-small --prompt \"ROMEO:\"\n"
         "  qkv generate runs/gpt --prompt \"ROMEO:\" --temperature 0.8 --top-p 0.95 --seed 1\n"
         "  qkv generate runs/gpt --prompt \"To be\" --prompt \"KING:\" --temperature 0\n"
-        "  qkv generate runs/gpt --prompt \"ROMEO:\" --stop \"\\n\\n\" --max-new-tokens 500",
+        "  qkv generate runs/gpt --prompt \"ROMEO:\" --stop \"\\n\\n\" --max-new-tokens 500\n"
+        "  qkv generate runs/gpt --prompt \"ROMEO:\" --dtype int8   int8 weights: fastest on a CPU",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _one_line_errors(p)
@@ -43,8 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-full", choices=("slide", "stop"), default="slide",
                    help="when the context is full: slide the window (default) or stop")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
-                   help="weights' number format (bf16: about half the memory traffic)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "int8"),
+                   help="weights' number format: bf16 halves the memory read per token; int8 "
+                   "(CPU) quarters it and decodes ~2.5x faster than fp32 (see qkv.quantize)")
     p.set_defaults(func=run)
 
 
@@ -58,8 +60,14 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     set_threads()  # one thread per idle CPU
+    if args.dtype == "int8" and device.type != "cpu":
+        raise InputError(f"--dtype int8 is for decoding on a CPU; on {device.type} use bf16")
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     model, tokenizer = load(args.dir, device=device, dtype=dtype)
+    if args.dtype == "int8":
+        from ..quantize import quantize_int8
+
+        quantize_int8(model)
     if tokenizer is None:
         raise InputError(f"{args.dir} has no tokenizer.json, so its text cannot be encoded")
     prompts = [_unescape(p) for p in (args.prompt or ["\n"])]

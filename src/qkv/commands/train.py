@@ -69,10 +69,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--batch-size", type=_positive_int, metavar="N")
     opt.add_argument("--grad-accum", type=_positive_int, metavar="N",
                      help="micro-batches per update (gradient accumulation)")
-    opt.add_argument("--lr", type=_positive_float, metavar="LR", help="peak learning rate")
+    opt.add_argument("--lr", type=_positive_float, metavar="LR",
+                     help="peak learning rate (default 2e-3 for a decoder, 1e-3 for an encoder)")
     opt.add_argument("--min-lr", type=float, metavar="LR",
                      help="final learning rate of the cosine decay (default lr/10)")
-    opt.add_argument("--warmup-steps", type=int, metavar="N")
+    opt.add_argument("--warmup-steps", type=int, metavar="N",
+                     help="updates of linear warm-up (default 50 for a decoder, 150 for an "
+                     "encoder)")
     opt.add_argument("--weight-decay", type=float, metavar="W")
     opt.add_argument("--grad-clip", type=float, metavar="C", help="0 turns clipping off")
     run_ = p.add_argument_group("run")

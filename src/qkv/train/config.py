@@ -19,6 +19,12 @@ FAMILIES = ("decoder", "encoder")
 #: What a family trains when no --preset / --tokenizer is given.
 DEFAULT_PRESET = {"decoder": "gpt-char-small", "encoder": "bert-tiny"}
 DEFAULT_TOKENIZER = {"decoder": "char", "encoder": "wordpiece"}
+#: Peak learning rate and warm-up per family. A post-LayerNorm BERT trained at the decoder's
+#: 2e-3 collapses: after a few hundred updates every token of every text comes out as the same
+#: vector, the masked-LM loss sits at the unigram entropy, and nothing can be fine-tuned from it.
+#: 1e-3 with a longer warm-up trains it (docs/encoder.md).
+DEFAULT_LR = {"decoder": 2e-3, "encoder": 1e-3}
+DEFAULT_WARMUP = {"decoder": 50, "encoder": 150}
 
 
 @dataclass
@@ -68,9 +74,9 @@ class TrainConfig:
 
     batch_size: int = 32
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float | None = None  # None: the family's default (DEFAULT_LR)
     min_lr: float | None = None
-    warmup_steps: int = 50
+    warmup_steps: int | None = None  # None: the family's default (DEFAULT_WARMUP)
     max_steps: int | None = 500
     time_limit: float | None = None
     weight_decay: float = 0.1
@@ -97,6 +103,10 @@ class TrainConfig:
             self.preset = DEFAULT_PRESET[self.family]
         if self.tokenizer is None:
             self.tokenizer = DEFAULT_TOKENIZER[self.family]
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.family]
+        if self.warmup_steps is None:
+            self.warmup_steps = DEFAULT_WARMUP[self.family]
         self.validate()
 
     @property

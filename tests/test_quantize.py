@@ -1,0 +1,99 @@
+"""int8 weights (qkv.quantize): rounding bounds, the three product paths, whole models, the CLI."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_config
+from torch.nn import functional as F
+
+import qkv
+from qkv.cli import main
+from qkv.generate import decode_tokens
+from qkv.quantize import Int8Linear, fbgemm_available, is_quantized, quantize_int8, quantize_rows
+from qkv.tokenizer import Tokenizer
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_rows_round_to_within_half_a_step():
+    w = torch.randn(64, 48) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different size
+    w[5] = 0.0  # a zero row must not divide by zero
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
+    assert (q.abs().amax(dim=1)[torch.arange(64) != 5] == 127).all()  # each row uses its range
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-7).all()
+    assert (q[5] == 0).all()
+
+
+def test_every_product_path_matches_the_float_layer():
+    layer = torch.nn.Linear(96, 80)
+    x = torch.randn(3, 5, 96)
+    ref = layer(x)
+    weight_only = Int8Linear.from_linear(layer, activations="float")
+    deq = F.linear(x, weight_only.dequantized(), layer.bias)
+    # fp32 input: dequantize and multiply; exactly the float product with the rounded weight.
+    assert torch.equal(weight_only(x), deq)
+    assert relative_error(deq, ref) < 0.01  # what rounding the weights costs
+    # bf16 input on a CPU: PyTorch's fused weight-only kernel (bf16 scales and output).
+    out = weight_only(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 5, 80)
+    assert relative_error(out, ref) < 0.02
+    # int8 activations (FBGEMM where available): the input is rounded too, so a bit more error.
+    dynamic = Int8Linear.from_linear(layer, activations="int8")
+    assert relative_error(dynamic(x), ref) < 0.03
+    assert dynamic(x).shape == ref.shape
+
+
+def test_bad_activation_mode_is_refused():
+    with pytest.raises(qkv.InputError, match="activations"):
+        Int8Linear(torch.randn(4, 4), activations="int4")
+
+
+@pytest.mark.parametrize("activations", ["int8", "float"])
+def test_a_quantized_model_keeps_its_predictions(activations):
+    model = qkv.Transformer(tiny_config(d_model=64, vocab_size=64)).eval()
+    tokens = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        ref = model(tokens)
+        quantized = quantize_int8(copy.deepcopy(model), activations)
+        out = quantized(tokens)
+    assert is_quantized(quantized) and not is_quantized(model)
+    assert not any(type(m) is torch.nn.Linear for m in quantized.modules())
+    assert relative_error(out, ref) < 0.03
+    # The output layer got its own int8 copy; the float embedding table is unchanged.
+    assert torch.equal(quantized.tokens.weight, model.tokens.weight)
+    assert isinstance(quantized.lm_head, Int8Linear)
+    # Generation runs through the quantized layers (KV cache and all).
+    produced = list(decode_tokens(quantized, [[1, 2, 3]], 10, temperature=0))
+    assert len(produced) == 10
+
+
+def test_fbgemm_is_used_on_x86():
+    # On this project's CI machine (x86) the fast kernels must really be there.
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        assert fbgemm_available()
+
+
+def test_a_quantized_model_cannot_be_saved(tmp_path):
+    model = quantize_int8(qkv.Transformer(tiny_config()))
+    with pytest.raises(qkv.InputError, match="int8 weights"):
+        qkv.save(model, None, tmp_path / "m")
+    with pytest.raises(qkv.InputError, match="already quantized"):
+        quantize_int8(model)
+    assert not (tmp_path / "m").exists()
+
+
+def test_generate_with_int8_weights_from_the_command_line(tmp_path, capsys):
+    tokenizer = Tokenizer.train(["abcdefgh " * 4], kind="char")
+    model = qkv.Transformer(tiny_config(vocab_size=tokenizer.vocab_size))
+    qkv.save(model, tokenizer, tmp_path / "m")
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "abc", "--dtype", "int8",
+                 "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("abc") and len(out) > 3
