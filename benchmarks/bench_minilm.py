@@ -7,6 +7,7 @@ the smallest cosine similarity between qkv's vectors and sentence-transformers' 
 
     python benchmarks/bench_minilm.py                    # 2,000 Multi30K captions, batch 64
     python benchmarks/bench_minilm.py --source sst2 --precision fp32
+    python benchmarks/bench_minilm.py --int8      # also: how close int8 weights stay (real weights)
 
 The sentences come from ../shared/data (relative to the repository root).
 """
@@ -56,6 +57,9 @@ def main() -> int:
                         help="torch threads for both (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="timed passes per library, alternating; the best one counts (2)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also embed with qkv.quantize_int8 layers (int8 and weight-only) "
+                        "and print their min cosine to sentence-transformers' fp32 vectors")
     args = parser.parse_args()
 
     folder = packaged_minilm_path()
@@ -100,6 +104,19 @@ def main() -> int:
     print(f"qkv {qkv_speed:.0f} sent/s, sentence-transformers {st_speed:.0f} sent/s, "
           f"ratio {qkv_speed / st_speed:.2f}")
     print(f"min cosine vs sentence-transformers fp32: {cosine.min().item():.6f}")
+    if args.int8:
+        import copy
+
+        from qkv.quantize import quantize_int8
+
+        for activations in ("int8", "float"):
+            quantized = quantize_int8(copy.deepcopy(model), activations)
+            v = encode_sentences(quantized, tokenizer, sentences, batch_size=args.batch_size,
+                                 precision="fp32")
+            c = torch.nn.functional.cosine_similarity(v.float(), vectors["st"].float(), dim=-1)
+            kind = "int8 (inputs rounded too)" if activations == "int8" else "weight-only int8"
+            print(f"{kind}: min cosine vs sentence-transformers fp32 {c.min().item():.6f}, "
+                  f"mean {c.mean().item():.6f}")
     return 0
 
 

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_config
 from torch.nn import functional as F
 
 import qkv
+from conftest import tiny_config
 from qkv.cli import main
 from qkv.generate import decode_tokens
 from qkv.quantize import Int8Linear, fbgemm_available, is_quantized, quantize_int8, quantize_rows

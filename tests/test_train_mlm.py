@@ -16,7 +16,7 @@ from qkv import ConfigError
 from qkv.cli import main
 from qkv.data import BUNDLED
 from qkv.train import TrainConfig, read_log, train
-from qkv.train.loop import evaluate
+from qkv.train.loop import evaluate, lm_loss, masked_positions
 
 TEXT = BUNDLED.read_text(encoding="utf-8")[:30_000]
 
@@ -63,6 +63,30 @@ def test_validation_loss_counts_only_the_masked_positions():
         logits = model.eval()(x)
     expected = torch.nn.functional.cross_entropy(logits[y != -100], y[y != -100]).item()
     assert evaluate(model, [(x, y)], torch.device("cpu")) == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_training_loss_sees_only_masked_positions_in_a_few_shapes():
+    model = qkv.Transformer(qkv.presets.get("bert-tiny", vocab_size=50, n_layers=1, d_model=16,
+                                            n_heads=2, max_seq_len=32))
+    x = torch.randint(5, 50, (4, 32))
+    counts = set()
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        picked = torch.rand(x.shape, generator=g) < 0.15
+        picked[0, 0] = True  # a target at index 0 must not be used as padding
+        y = torch.where(picked, x, -100)
+        index = masked_positions(y.flatten())
+        counts.add(len(index))
+        assert len(index) % 64 == 0
+        assert set(index.tolist()) - set(picked.flatten().nonzero().flatten().tolist()) <= \
+            {int((~picked.flatten()).int().argmax())}  # the padding: one unmasked position
+        logits = model(x)
+        expected = torch.nn.functional.cross_entropy(logits[picked], x[picked])
+        assert lm_loss(model, model.hidden_states, x, y).item() == pytest.approx(
+            expected.item(), rel=1e-5)
+    assert counts == {64}  # ~19 of 128 masked: always padded to one shape
+    everything = torch.arange(100) % 50  # no position without a target: nothing to pad with
+    assert torch.equal(masked_positions(everything), torch.arange(100))
 
 
 def test_an_interrupted_masked_lm_run_resumes_exactly(tmp_path):

@@ -339,13 +339,29 @@ def lm_loss(model: Transformer, hidden: Callable[[torch.Tensor], torch.Tensor],
     is all of them; for masked-LM training about 15%, which skips most of the cost of the
     largest matrix (d_model x vocab) and of BERT's MLM transform before it.
     """
-    h = hidden(x)  # (B, T, d)
-    picked = y != -100
+    h, y = hidden(x).flatten(0, 1), y.flatten()  # (B*T, d), (B*T,)
     if model.config.family == "encoder":
-        h, y = h[picked], y[picked]  # (M, d), (M,) for the M masked positions
-    else:
-        h, y = h.flatten(0, 1), y.flatten()
+        index = masked_positions(y)
+        h, y = h[index], y[index]  # (M, d), (M,): the masked positions, padded (see below)
     return F.cross_entropy(model.logits(h).float(), y, reduction=reduction)
+
+
+def masked_positions(y: torch.Tensor, multiple: int = 64) -> torch.Tensor:
+    """Indices of the targets of `y` (N,) that are not -100, padded up to a multiple of
+    `multiple` with the index of a target that is -100 (so the padding adds nothing to the loss).
+
+    Why pad: the number of masked tokens changes from batch to batch, and on a CPU every new
+    matrix shape makes oneDNN build and keep a new kernel (with its own copy of the weight
+    layout): ~12 MB per shape for bert-tiny's output layer, 3 GB after a few minutes of
+    training. Rounding the count up leaves a handful of shapes.
+    """
+    ignored = y == -100
+    index = (~ignored).nonzero().squeeze(1)
+    extra = -len(index) % multiple
+    if extra and bool(ignored.any()):
+        filler = ignored.int().argmax()  # the first position without a target
+        index = torch.cat((index, filler.expand(extra)))
+    return index
 
 
 def compiled_forward(model: Transformer) -> Callable[[torch.Tensor], torch.Tensor]:
