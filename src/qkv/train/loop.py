@@ -339,11 +339,14 @@ def lm_loss(model: Transformer, hidden: Callable[[torch.Tensor], torch.Tensor],
     is all of them; for masked-LM training about 15%, which skips most of the cost of the
     largest matrix (d_model x vocab) and of BERT's MLM transform before it.
     """
-    h, y = hidden(x).flatten(0, 1), y.flatten()  # (B*T, d), (B*T,)
+    h = hidden(x)  # (B, T, d)
     if model.config.family == "encoder":
+        y = y.flatten()
         index = masked_positions(y)
-        h, y = h[index], y[index]  # (M, d), (M,): the masked positions, padded (see below)
-    return F.cross_entropy(model.logits(h).float(), y, reduction=reduction)
+        h, y = h.flatten(0, 1)[index], y[index]  # (M, d), (M,): masked positions, padded
+        return F.cross_entropy(model.logits(h).float(), y, reduction=reduction)
+    logits = model.logits(h)  # (B, T, vocab)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction=reduction)
 
 
 def masked_positions(y: torch.Tensor, multiple: int = 64) -> torch.Tensor:
