@@ -93,6 +93,22 @@ def test_config_from_sentence_transformers_folder(minilm):
     assert cfg.pooler and not cfg.mlm_transform and cfg.norm_eps == 1e-12
     assert model.num_parameters() == 22_713_216
     assert tokenizer is not None and cfg.mask_token_id == tokenizer.mask_id == 103
+    assert (cfg.max_seq_len, cfg.embed_max_len) == (512, 256)  # sentence_bert_config.json
+
+
+@needs_minilm
+@pytest.mark.parity
+def test_long_texts_are_cut_where_sentence_transformers_cuts_them(minilm):
+    st_module = pytest.importorskip("sentence_transformers")
+    model, tokenizer = minilm
+    long_text = " ".join(f"sentence {i} talks about rivers, bridges and music." for i in range(60))
+    assert len(tokenizer.encode(long_text)) > 400  # between 256 and 512 would differ
+    st = st_module.SentenceTransformer(str(FOLDER), device="cpu")
+    want = st.encode([long_text], convert_to_tensor=True)
+    got = encode_sentences(model, tokenizer, [long_text], precision="fp32")
+    assert torch.nn.functional.cosine_similarity(want, got).item() >= 0.99999
+    full = encode_sentences(model, tokenizer, [long_text], precision="fp32", max_length=512)
+    assert torch.nn.functional.cosine_similarity(want, full).item() < 0.9999
 
 
 @needs_minilm

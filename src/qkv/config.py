@@ -62,6 +62,9 @@ class ModelConfig:
         pooler: BERT's dense + tanh on the first token.
         pooling: how a sequence becomes one vector: "mean" | "cls" | "last" | "max";
         normalize_embeddings: L2-normalise pooled sentence embeddings.
+        embed_max_len: texts are cut to this many tokens when embedded as sentences
+            (sentence-transformers' max_seq_length; all-MiniLM-L6-v2 uses 256 of its 512
+            positions). None: max_seq_len.
         labels: class names of a sequence-classification head (empty: no classifier).
         lm_head_bias: a bias on the output layer (BERT's MLM decoder, Marian's final bias).
 
@@ -103,6 +106,7 @@ class ModelConfig:
     pooler: bool = False
     pooling: str = "mean"
     normalize_embeddings: bool = False
+    embed_max_len: int | None = None
     labels: list[str] = field(default_factory=list)
     lm_head_bias: bool = False
 
@@ -197,6 +201,9 @@ class ModelConfig:
             raise ConfigError(f"rope_theta={self.rope_theta} must be positive")
         if self.position_offset < 0 or self.type_vocab_size < 0:
             raise ConfigError("position_offset and type_vocab_size cannot be negative")
+        if self.embed_max_len is not None and not 1 <= self.embed_max_len <= self.max_seq_len:
+            raise ConfigError(f"embed_max_len={self.embed_max_len} must be between 1 and "
+                              f"max_seq_len={self.max_seq_len}")
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"labels={self.labels} contains a duplicate class name")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id",

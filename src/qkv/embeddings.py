@@ -60,7 +60,8 @@ def encode_sentences(
     """Embed `texts` as a (len(texts), d_model) float32 tensor, rows in the order of `texts`.
 
     normalize: None follows ``model.config.normalize_embeddings``; True/False forces it.
-    max_length: longer texts are cut to this many tokens (default: the model's max_seq_len).
+    max_length: longer texts are cut to this many tokens (default: config.embed_max_len, the
+        sentence-transformers limit of a model loaded from one, else max_seq_len).
     precision: "bf16" (autocast; fast on CPUs with AMX and on GPUs), "fp32" (exact), or "auto"
         (bf16 where :func:`fast_bf16` says the hardware has it, else fp32).
     """
@@ -74,7 +75,7 @@ def encode_sentences(
     cfg = model.config
     if not texts:
         return torch.empty(0, cfg.d_model)
-    max_length = max_length or cfg.max_seq_len
+    max_length = min(max_length or cfg.embed_max_len or cfg.max_seq_len, cfg.max_seq_len)
     ids = tokenizer.encode_batch(texts, truncation=True, max_length=max_length)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)  # longest first
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (cfg.pad_token_id or 0)

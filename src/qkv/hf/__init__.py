@@ -60,7 +60,7 @@ def _tensors(arch: ModuleType, path: Path, data: dict) -> dict[str, torch.Tensor
 def _config(arch: ModuleType, data: dict, shapes: dict[str, list[int]], path: Path) -> ModelConfig:
     try:
         cfg = arch.config_from_hf(data, shapes)
-        return cfg.replace(**read_sentence_transformers(path))
+        return cfg.replace(**read_sentence_transformers(path, cfg.max_seq_len))
     except ConfigError as e:  # e.g. a head count that does not divide the width
         raise CheckpointError(f"{path / CONFIG}: {e}") from None
     except (TypeError, ValueError) as e:  # a field of the wrong type (a string for a size)

@@ -18,6 +18,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, UnsupportedModelError
 
 MODULES = "modules.json"
+SENTENCE_CONFIG = "sentence_bert_config.json"
 
 #: sentence-transformers pooling names -> qkv's config.pooling (the ones qkv implements).
 POOLING_FROM_ST = {"mean": "mean", "cls": "cls", "max": "max", "lasttoken": "last"}
@@ -50,8 +51,9 @@ def _pooling_modes(config: dict[str, Any]) -> list[str]:
     return modes or ["mean"]
 
 
-def read_sentence_transformers(path: Path) -> dict[str, Any]:
-    """Config overrides ({"pooling": ..., "normalize_embeddings": ...}) from modules.json.
+def read_sentence_transformers(path: Path, max_seq_len: int | None = None) -> dict[str, Any]:
+    """Config overrides ({"pooling", "normalize_embeddings", "embed_max_len"}) from modules.json
+    and sentence_bert_config.json (whose max_seq_length is capped at `max_seq_len`).
 
     Returns {} for a plain Hugging Face folder. Modules qkv does not implement (a Dense layer
     after pooling, say) raise UnsupportedModelError: ignoring them would give other vectors.
@@ -63,6 +65,13 @@ def read_sentence_transformers(path: Path) -> dict[str, Any]:
     if not isinstance(modules, list):
         raise CheckpointError(f"{file} must hold a list of modules")
     out: dict[str, Any] = {"normalize_embeddings": False}
+    sentence_config = Path(path) / SENTENCE_CONFIG
+    if sentence_config.is_file():
+        limit = _read_json(sentence_config)
+        limit = limit.get("max_seq_length") if isinstance(limit, dict) else None
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            # None stands for "the whole context", so a limit at (or past) it is not stored.
+            out["embed_max_len"] = None if max_seq_len and limit >= max_seq_len else limit
     for module in modules:
         kind = str(module.get("type", "")).rsplit(".", 1)[-1] if isinstance(module, dict) else ""
         if kind == "Transformer":
@@ -102,6 +111,6 @@ def write_sentence_transformers(cfg: ModelConfig, path: Path) -> None:
                **{key: name == chosen for key, name in LEGACY_KEYS.items()}}
     atomic_write_text(path / MODULES, json.dumps(modules, indent=2) + "\n")
     atomic_write_text(path / "1_Pooling" / "config.json", json.dumps(pooling, indent=2) + "\n")
-    atomic_write_text(path / "sentence_bert_config.json",
-                      json.dumps({"max_seq_length": cfg.max_seq_len, "do_lower_case": False},
-                                 indent=2) + "\n")
+    atomic_write_text(path / SENTENCE_CONFIG,
+                      json.dumps({"max_seq_length": cfg.embed_max_len or cfg.max_seq_len,
+                                  "do_lower_case": False}, indent=2) + "\n")
