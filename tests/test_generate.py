@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -179,3 +181,36 @@ def test_bf16_decoding_uses_matrix_vector_products_and_restores_the_layers(token
     cached = [int(first)] + [int(t) for t in steps]
     assert not any("forward" in m.__dict__ for m in model.modules())
     assert cached == naive_greedy(model, prompt, 40)  # full-sequence matmuls, no mv
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0])
+def test_a_wide_beam_finds_the_best_translation_by_exhaustive_search(length_penalty):
+    # Vocabulary of 5 (0 = start, 1 = end) and at most 3 new tokens: 156 possible outputs. A beam
+    # wider than that keeps every one of them, so it must return the exact optimum of its
+    # objective: summed log-probabilities (the end token included), divided by
+    # length ** length_penalty.
+    torch.manual_seed(3)
+    cfg = qkv.ModelConfig(family="encoder-decoder", vocab_size=5, d_model=16, n_layers=1,
+                          n_heads=2, max_seq_len=8, decoder_start_token_id=0, eos_token_id=1)
+    model = qkv.Transformer(cfg).eval()
+    src = torch.tensor([[2, 3, 4, 2]])
+
+    def log_prob(target: list[int]) -> float:
+        with torch.no_grad():
+            logp = model(src, torch.tensor([[0] + target[:-1]]))[0].log_softmax(-1)
+        return sum(float(logp[i, t]) for i, t in enumerate(target))
+
+    candidates = []
+    for n in range(4):
+        for seq in itertools.product(range(5), repeat=n):
+            seq = list(seq)
+            if 1 in seq:
+                continue
+            if n < 3:  # ended by the end token
+                candidates.append((log_prob(seq + [1]) / (n + 1) ** length_penalty, seq))
+            else:  # cut at max_new_tokens
+                candidates.append((log_prob(seq) / n ** length_penalty, seq))
+    best = max(candidates)[1]
+    found = generate_seq2seq(model, src, max_new_tokens=3, beam_size=200,
+                             length_penalty=length_penalty)
+    assert found == [best]
