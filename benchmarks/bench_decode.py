@@ -37,13 +37,25 @@ sys.path.insert(0, str(ROOT / "src"))
 import qkv  # noqa: E402
 from qkv.data import BUNDLED, eval_batches, split  # noqa: E402
 from qkv.generate import decode_tokens  # noqa: E402
-from qkv.quantize import quantize_int8  # noqa: E402
+from qkv.quantize import Int8Linear, quantize_int8  # noqa: E402
 from qkv.train import evaluate  # noqa: E402
 from qkv.train.hardware import set_threads  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*quantiz")  # torch's notes on its quantized APIs
 
 FORMATS = ("int8", "int8-weight-only", "bf16", "fp32")
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weight matrices one decoding step reads: every linear layer, the output
+    layer included (the embedding lookup reads one row, so it does not count)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            total += m.qweight.nbytes + m.scale.nbytes
+        elif isinstance(m, torch.nn.Linear):
+            total += m.weight.nbytes
+    return total
 
 
 def convert(model: qkv.Transformer, fmt: str) -> qkv.Transformer:
@@ -100,8 +112,13 @@ def main() -> int:
 
     print(f"decode GPT-2 124M, batch 1, prompt {args.prompt_tokens}, {n} new tokens, greedy, "
           f"{torch.get_num_threads()} threads (tokens/s, best of {args.rounds} rounds):")
+    # Memory read per token: HF's GPT-2 has the same matrices as qkv's fp32 model.
+    per_token = {f"qkv-{fmt}": weight_bytes(m) for fmt, m in models.items()}
+    per_token["HF-fp32"] = per_token["qkv-fp32"]
     for name, speed in best.items():
-        print(f"  {name:22s} {speed:6.1f} tok/s   ratio to HF {speed / best['HF-fp32']:.2f}")
+        print(f"  {name:22s} {speed:6.1f} tok/s   ratio to HF {speed / best['HF-fp32']:.2f}   "
+              f"weights {per_token[name] / 1e6:4.0f} MB/token = "
+              f"{per_token[name] * speed / 1e9:4.1f} GB/s")
 
     # Quality on random weights: teacher-forced top-1 agreement with fp32 on the same weights.
     with torch.inference_mode():

@@ -15,8 +15,9 @@ import qkv
 from qkv import ConfigError
 from qkv.cli import main
 from qkv.data import BUNDLED
+from qkv.tasks.mlm import masked_positions
 from qkv.train import TrainConfig, read_log, train
-from qkv.train.loop import evaluate, lm_loss, masked_positions
+from qkv.train.loop import evaluate, lm_loss
 
 TEXT = BUNDLED.read_text(encoding="utf-8")[:30_000]
 

@@ -31,6 +31,7 @@ trained model with fp32, bf16 and int8 weights (see docs/training.md).
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -43,6 +44,11 @@ ACTIVATIONS = ("int8", "float")
 _HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
 
 
+def _check_activations(activations: str) -> None:
+    if activations not in ACTIVATIONS:
+        raise InputError(f"activations={activations!r} is not one of {', '.join(ACTIVATIONS)}")
+
+
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 matrix, fp32 scale per row) with weight ~ q * scale[:, None]."""
     w = weight.detach().float()
@@ -51,6 +57,7 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+@functools.cache  # asked at every forward: answer once
 def fbgemm_available() -> bool:
     """Whether PyTorch has its x86 int8 kernels (FBGEMM) on this machine."""
     return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
@@ -63,9 +70,7 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  activations: str = "int8"):
         super().__init__()
-        if activations not in ACTIVATIONS:
-            raise InputError(f"activations={activations!r} is not one of "
-                             f"{', '.join(ACTIVATIONS)}")
+        _check_activations(activations)
         q, scale = quantize_rows(weight)
         self.out_features, self.in_features = q.shape
         self.register_buffer("qweight", q)
@@ -124,8 +129,7 @@ def quantize_int8(model: nn.Module, activations: str = "int8") -> nn.Module:
     norms, biases and the attention arithmetic stay in floating point. The result is for
     inference: `qkv.save` refuses it (save the float model instead).
     """
-    if activations not in ACTIVATIONS:
-        raise InputError(f"activations={activations!r} is not one of {', '.join(ACTIVATIONS)}")
+    _check_activations(activations)  # before the model is touched
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise InputError("the model has no linear layers to quantize (already quantized?)")
     if activations == "int8" and next(model.parameters()).dtype != torch.float32:

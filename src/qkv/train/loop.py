@@ -48,7 +48,7 @@ from ..data import (
 )
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
-from ..tasks.mlm import MLMBatches, mask_fixed_batches
+from ..tasks.mlm import MLMBatches, mask_fixed_batches, masked_logits
 from ..tokenizer import Tokenizer
 from .checkpoint import (
     find_training_checkpoint,
@@ -341,30 +341,9 @@ def lm_loss(model: Transformer, hidden: Callable[[torch.Tensor], torch.Tensor],
     """
     h = hidden(x)  # (B, T, d)
     if model.config.family == "encoder":
-        y = y.flatten()
-        index = masked_positions(y)
-        h, y = h.flatten(0, 1)[index], y[index]  # (M, d), (M,): masked positions, padded
-        return F.cross_entropy(model.logits(h).float(), y, reduction=reduction)
+        return F.cross_entropy(*masked_logits(model, h, y), reduction=reduction)
     logits = model.logits(h)  # (B, T, vocab)
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction=reduction)
-
-
-def masked_positions(y: torch.Tensor, multiple: int = 64) -> torch.Tensor:
-    """Indices of the targets of `y` (N,) that are not -100, padded up to a multiple of
-    `multiple` with the index of a target that is -100 (so the padding adds nothing to the loss).
-
-    Why pad: the number of masked tokens changes from batch to batch, and on a CPU every new
-    matrix shape makes oneDNN build and keep a new kernel (with its own copy of the weight
-    layout): ~12 MB per shape for bert-tiny's output layer, 3 GB after a few minutes of
-    training. Rounding the count up leaves a handful of shapes.
-    """
-    ignored = y == -100
-    index = (~ignored).nonzero().squeeze(1)
-    extra = -len(index) % multiple
-    if extra and bool(ignored.any()):
-        filler = ignored.int().argmax()  # the first position without a target
-        index = torch.cat((index, filler.expand(extra)))
-    return index
 
 
 def compiled_forward(model: Transformer) -> Callable[[torch.Tensor], torch.Tensor]:
