@@ -113,9 +113,9 @@ def _same_until_eos(hf_out: torch.Tensor, ours: torch.Tensor, eos: int | None,
 def _canonical(cfg: qkv.ModelConfig) -> dict:
     """A config with derived sizes resolved, so that d_ff=None and d_ff=4*d compare equal."""
     d = cfg.to_dict()
-    d.update(d_ff=cfg.ff_dim, head_dim=cfg.d_head, n_kv_heads=cfg.kv_heads,
-             final_norm=cfg.has_final_norm, n_encoder_layers=cfg.encoder_layers,
-             n_decoder_layers=cfg.decoder_layers)
+    d.update(d_ff=cfg.d_ff, head_dim=cfg.head_dim, n_kv_heads=cfg.n_kv_heads,
+             final_norm=cfg.final_norm, n_encoder_layers=cfg.n_encoder_layers,
+             n_decoder_layers=cfg.n_decoder_layers)
     d.pop("n_layers")
     return d
 
@@ -183,7 +183,7 @@ def test_llama_logits_and_greedy(case, tmp_path):
                                    **case)
     hf = _perturb(transformers.LlamaForCausalLM(cfg))
     model = _hf_save_load(hf, tmp_path)
-    assert model.config.kv_heads == case["num_key_value_heads"]
+    assert model.config.n_kv_heads == case["num_key_value_heads"]
     ids, mask = _batch()
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=mask).logits

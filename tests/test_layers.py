@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from qkv.layers import (
     LayerNorm,
@@ -118,7 +117,9 @@ def test_norms_are_their_formulas():
     assert torch.allclose(ln(x), (x - mean) / torch.sqrt(var + 1e-5) * ln.weight + ln.bias,
                           atol=1e-5)
     rms = RMSNorm(16, eps=1e-6)
-    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    with torch.no_grad():
+        rms.weight.uniform_(-2, 2)  # a gain that is not all ones, so that it must be applied
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * rms.weight
     assert torch.allclose(rms(x), expected, atol=1e-5)
 
 
@@ -128,6 +129,17 @@ def test_activations():
     assert torch.allclose(ACTIVATIONS["relu"](x), x.clamp(min=0))
     tanh_gelu = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
     assert torch.allclose(ACTIVATIONS["gelu_tanh"](x), tanh_gelu, atol=1e-6)
-    ffn = GatedFeedForward(8, 16)
-    h = torch.randn(2, 3, 8)
-    assert torch.allclose(ffn(h), ffn.down(F.silu(ffn.gate(h)) * ffn.up(h)))
+
+
+@pytest.mark.parametrize("activation, expected", [
+    ("swiglu", [1.4621172, 0.9536234]),  # silu(x) * 2x
+    ("geglu", [1.6823840, 0.1816092]),  # gelu_tanh(x) * 2x
+])
+def test_gated_feedforward_puts_the_activation_on_the_gate(activation, expected):
+    ffn = GatedFeedForward(2, 2, activation)
+    with torch.no_grad():  # gate = identity, up = 2 * identity, down = identity
+        ffn.gate.weight.copy_(torch.eye(2))
+        ffn.up.weight.copy_(2 * torch.eye(2))
+        ffn.down.weight.copy_(torch.eye(2))
+    out = ffn(torch.tensor([[1.0, -2.0]]))
+    assert out[0].tolist() == pytest.approx(expected, abs=1e-6)

@@ -1,5 +1,3 @@
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,29 +6,35 @@ import qkv
 from conftest import tiny_config
 from qkv import InputError, Transformer
 
-OPTIONS = list(itertools.product(
-    ["learned", "sinusoidal", "rope"], ["layernorm", "rmsnorm"], ["pre", "post"],
-    ["relu", "gelu_tanh", "swiglu"],
-))
+# Every value of every option appears at least once (not their 108 combinations).
+OPTIONS = [
+    dict(position="learned", norm="layernorm", norm_placement="pre", activation="gelu_tanh"),
+    dict(position="sinusoidal", norm="layernorm", norm_placement="post", activation="relu"),
+    dict(position="rope", norm="rmsnorm", norm_placement="pre", activation="swiglu"),
+    dict(position="none", norm="rmsnorm", norm_placement="post", activation="geglu"),
+]
 
 
-def _run(model, family, B=2, T=10, T_tgt=6):
-    x = torch.randint(0, model.config.vocab_size, (B, T))
-    if family == "encoder-decoder":
-        return model(x, torch.randint(0, model.config.vocab_size, (B, T_tgt)))
-    return model(x)
+def _run(model, x, tgt):
+    return model(x, tgt) if model.config.family == "encoder-decoder" else model(x)
 
 
 @pytest.mark.parametrize("family", ["encoder", "decoder", "encoder-decoder"])
-@pytest.mark.parametrize("position, norm, placement, activation", OPTIONS)
-def test_shapes_for_every_family_and_option(family, position, norm, placement, activation):
-    cfg = tiny_config(family, position=position, norm=norm, norm_placement=placement,
-                      activation=activation, n_kv_heads=2, tie_embeddings=position != "rope")
-    model = Transformer(cfg).eval()
-    out = _run(model, family)
-    T = 6 if family == "encoder-decoder" else 10
-    assert out.shape == (2, T, 50)
-    assert torch.isfinite(out).all()
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: o["position"])
+def test_every_family_and_option_sees_what_it_should(family, options):
+    """Changing the last input token changes the outputs a family lets it reach, and only them:
+    every position of an encoder, only the last position of a (causal) decoder."""
+    model = Transformer(tiny_config(family, n_kv_heads=2, **options)).eval()
+    x, tgt = torch.randint(0, 50, (2, 10)), torch.randint(0, 50, (2, 6))
+    changed = (x.clone(), tgt.clone())
+    changed[family == "encoder-decoder"][:, -1] += 1  # the decoder input when there is one
+    out, out2 = _run(model, x, tgt), _run(model, *changed)
+    assert out.shape == (2, 6 if family == "encoder-decoder" else 10, 50)
+    moved = (out - out2).abs().amax(dim=(0, 2)) > 1e-5  # (T,): which positions changed
+    if family == "encoder":
+        assert moved.all()
+    else:
+        assert moved[-1] and not moved[:-1].any()
 
 
 def test_heads_and_pooling():
@@ -42,9 +46,11 @@ def test_heads_and_pooling():
     mask = torch.ones(3, 8, dtype=torch.long)
     mask[0, 5:] = 0
     assert model.classify(x, mask).shape == (3, 3)
-    emb = model.embed(x, mask)
+    emb = model.sentence_embedding(x, mask)
     assert emb.shape == (3, 32)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    x[0, 5:] = (x[0, 5:] + 1) % 50  # padding never changes the sentence vector
+    assert torch.allclose(model.sentence_embedding(x, mask)[0], emb[0], atol=1e-6)
     assert model.encode(x, mask).shape == (3, 8, 32)
     decoder = Transformer(tiny_config("decoder", pooling="last", labels=["a", "b"])).eval()
     assert decoder.classify(x, mask).shape == (3, 2)
@@ -173,26 +179,68 @@ def test_overfitting_one_batch_drives_the_loss_near_zero(family):
     assert loss.item() < 0.05
 
 
-def test_bad_inputs_raise_clear_errors():
+def _long(*shape):
+    return torch.zeros(*shape, dtype=torch.long)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m(torch.tensor([[1, 2, 50]])), "token id 50 is outside the table of size 50"),
+    (lambda m: m(_long(1, 17)), "longer than max_seq_len=16"),
+    (lambda m: m(_long(5)), "shape \\(batch, length\\)"),
+    (lambda m: m(_long(2, 5), padding_mask=torch.ones(2, 4)), "padding mask has shape"),
+    (lambda m: m(torch.zeros(1, 5)), "integer tensor"),
+    (lambda m: m(_long(1, 5), _long(1, 5)), "padding_mask=mask"),
+    (lambda m: m.encode(_long(1, 5)), "has no encoder"),
+    (lambda m: m.next_token_logits(_long(1, 2), m.new_cache(), torch.ones(1, 3)),
+     "expected \\(1, 2\\) \\(batch, length\\)"),
+])
+def test_bad_inputs_raise_clear_errors(call, message):
     model = Transformer(tiny_config("decoder", max_seq_len=16)).eval()
-    with pytest.raises(InputError, match="token id 50 is outside the table of size 50"):
-        model(torch.tensor([[1, 2, 50]]))
-    with pytest.raises(InputError, match="longer than max_seq_len=16"):
-        model(torch.zeros(1, 17, dtype=torch.long))
-    with pytest.raises(InputError, match="shape \\(batch, length\\)"):
-        model(torch.zeros(5, dtype=torch.long))
-    with pytest.raises(InputError, match="padding mask has shape"):
-        model(torch.zeros(2, 5, dtype=torch.long), padding_mask=torch.ones(2, 4))
-    with pytest.raises(InputError, match="integer tensor"):
-        model(torch.zeros(1, 5))
-    with pytest.raises(InputError, match="padding_mask=mask"):
-        model(torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.long))
-    with pytest.raises(InputError, match="needs target tokens"):
-        Transformer(tiny_config("encoder-decoder"))(torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(InputError, match=message):
+        call(model)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m(_long(1, 5)), "needs target tokens"),
+    (lambda m: m.decode(_long(1, 2)), "pass memory=model.encode"),
+    (lambda m: m.decode(_long(1, 2), m.encode(_long(1, 4)), torch.ones(1, 3)),
+     "src_mask has shape"),
+])
+def test_bad_encoder_decoder_inputs_raise_clear_errors(call, message):
+    with pytest.raises(InputError, match=message):
+        call(Transformer(tiny_config("encoder-decoder")).eval())
 
 
 def test_tied_output_layer_shares_the_embedding():
     model = Transformer(tiny_config("decoder"))
-    assert model.lm_head.weight is model.tokens.weight
+    assert model.lm_head.weight is model.token_embedding.weight
     untied = Transformer(tiny_config("decoder", tie_embeddings=False))
     assert untied.num_parameters() == model.num_parameters() + 50 * 32
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder-decoder"])
+def test_next_token_logits_continue_a_cache_like_the_full_forward(family):
+    model = Transformer(tiny_config(family)).eval()
+    src, tgt = torch.randint(0, 50, (2, 7)), torch.randint(0, 50, (2, 9))
+    memory = model.encode(src) if family == "encoder-decoder" else None
+    full = model(src, tgt) if memory is not None else model(tgt)  # (2, 9, 50)
+    cache = model.new_cache()
+    first = model.next_token_logits(tgt[:, :5], cache, memory=memory)  # a prompt, then tokens
+    rest = [model.next_token_logits(tgt[:, t:t + 1], cache, memory=memory) for t in range(5, 9)]
+    assert first.shape == (2, 50) and first.dtype == torch.float32 and len(cache) == 9
+    torch.testing.assert_close(torch.stack([first, *rest], 1), full[:, 4:], atol=1e-5, rtol=0)
+
+
+def test_checkpoints_with_earlier_parameter_names_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    model = Transformer(tiny_config("decoder", tie_embeddings=False))
+    old = {("tokens.weight" if k == "token_embedding.weight" else k): v.clone()
+           for k, v in model.state_dict().items()}  # as qkv 0.1 named them
+    fresh = Transformer(tiny_config("decoder", tie_embeddings=False))
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.token_embedding.weight, model.token_embedding.weight)
+    model.config.to_json(tmp_path / "config.json")  # a model directory written by qkv 0.1
+    save_file(old, str(tmp_path / "model.safetensors"))
+    loaded, _ = qkv.load(tmp_path)
+    assert torch.equal(loaded.token_embedding.weight, model.token_embedding.weight)

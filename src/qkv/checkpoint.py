@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, InputError
 from .io import atomic_write_safetensors, atomic_write_text  # noqa: F401 (re-exported)
-from .model import Transformer
+from .model import Transformer, upgrade_state_dict
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -50,7 +50,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: Transformer, path: Path) -> None:
     """Load safetensors weights into `model`, checking every name and shape against it."""
-    tensors = read_safetensors(path)
+    tensors = upgrade_state_dict(read_safetensors(path))  # earlier names too
     expected = model.state_dict()
     tied = model.tied_weights()
     missing = [k for k in expected if k not in tensors and k not in tied]

@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
 from .errors import ConfigError
+from .io import atomic_write_text
 
 FAMILIES = ("encoder", "decoder", "encoder-decoder")
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
@@ -36,10 +38,14 @@ class ModelConfig:
     Sizes
         vocab_size, d_model (width of every token vector), n_layers (depth), n_heads,
         n_kv_heads (fewer key/value heads = grouped-query attention; 1 = multi-query),
-        head_dim (default d_model // n_heads), d_ff (feed-forward width; default 4 * d_model,
-        or about 8/3 * d_model for the gated activations), max_seq_len (longest sequence).
+        head_dim, d_ff (feed-forward width), max_seq_len (longest sequence).
         Encoder-decoder models may give the two stacks different depths with
-        n_encoder_layers / n_decoder_layers (each defaults to n_layers).
+        n_encoder_layers / n_decoder_layers.
+        A size left out (None) is worked out from the others when the config is built:
+        n_kv_heads = n_heads, head_dim = d_model // n_heads, d_ff = 4 * d_model (about
+        8/3 * d_model for the gated activations), n_encoder_layers / n_decoder_layers =
+        n_layers for each stack the family has and 0 for the other, final_norm = pre-LN.
+        replace() works them out again, so they never go stale.
 
     Choices
         position: "learned" (GPT-2, BERT), "sinusoidal" (Vaswani et al. 2017), "rope" (Llama),
@@ -117,44 +123,17 @@ class ModelConfig:
     mask_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        _check_sizes(self)
+        # Sizes left out (None) follow the others. Which ones did is remembered, so that
+        # replace(n_heads=8) works them out again instead of keeping the old n_heads' values.
+        defaults = _defaults(self)
+        object.__setattr__(self, "_defaulted", frozenset(
+            name for name in defaults if getattr(self, name) is None))
+        for name in self._defaulted:
+            setattr(self, name, defaults[name])
         self.validate()
-
-    # ------------------------------------------------------------------ derived sizes
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
-
-    @property
-    def d_head(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
-
-    @property
-    def ff_dim(self) -> int:
-        if self.d_ff is not None:
-            return self.d_ff
-        if self.activation in ("swiglu", "geglu"):
-            # Gated FFNs have three matrices; 8/3 * d keeps the parameter count of a 4 * d FFN
-            # (Shazeer 2020), rounded up to a multiple of 64 for fast matrix kernels.
-            return 64 * ((8 * self.d_model // 3 + 63) // 64)
-        return 4 * self.d_model
-
-    @property
-    def encoder_layers(self) -> int:
-        if self.family == "decoder":
-            return 0
-        return self.n_encoder_layers if self.n_encoder_layers is not None else self.n_layers
-
-    @property
-    def decoder_layers(self) -> int:
-        if self.family == "encoder":
-            return 0
-        return self.n_decoder_layers if self.n_decoder_layers is not None else self.n_layers
-
-    @property
-    def has_final_norm(self) -> bool:
-        if self.final_norm is not None:
-            return self.final_norm
-        return self.norm_placement == "pre"
 
     @property
     def num_labels(self) -> int:
@@ -165,6 +144,7 @@ class ModelConfig:
         """Check every field; raise ConfigError naming the first bad one."""
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
+        _check_sizes(self)
         _one_of("family", self.family, FAMILIES)
         _one_of("position", self.position, POSITIONS)
         _one_of("norm", self.norm, NORMS)
@@ -172,23 +152,21 @@ class ModelConfig:
         _one_of("activation", self.activation, ACTIVATIONS)
         _one_of("pooling", self.pooling, POOLINGS)
         _one_of("sinusoidal_layout", self.sinusoidal_layout, SINUSOIDAL_LAYOUTS)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("n_kv_heads", "head_dim", "d_ff", "n_encoder_layers", "n_decoder_layers"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name}={value} must be at least 1")
-        if self.head_dim is None and self.d_model % self.n_heads:
+        if "head_dim" in self._defaulted and self.d_model % self.n_heads:
             raise ConfigError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
             )
-        if self.n_heads % self.kv_heads:
+        if self.n_heads % self.n_kv_heads:
             raise ConfigError(
-                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}"
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}"
             )
-        if self.position == "rope" and self.d_head % 2:
-            raise ConfigError(f"rope needs an even head size, but the head size is {self.d_head}")
+        for name, family in (("n_encoder_layers", "decoder"), ("n_decoder_layers", "encoder")):
+            if (getattr(self, name) == 0) != (self.family == family):
+                raise ConfigError(f"{name}={getattr(self, name)} does not fit family "
+                                  f"{self.family} (0 exactly when the family lacks that stack)")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rope needs an even head size, but the head size is "
+                              f"{self.head_dim}")
         if self.position == "sinusoidal" and self.d_model % 2:
             raise ConfigError(f"sinusoidal positions need an even d_model, got {self.d_model}")
         for name in ("dropout", "attention_dropout"):
@@ -216,7 +194,10 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as plain data; sizes that follow the others are written as None."""
+        data = asdict(self)
+        data.update({name: None for name in self._defaulted})
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -229,12 +210,8 @@ class ModelConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self, path: str | Path | None = None) -> str:
-        from . import __version__
-
         text = json.dumps({**self.to_dict(), "qkv_version": __version__}, indent=2) + "\n"
         if path is not None:
-            from .checkpoint import atomic_write_text
-
             atomic_write_text(Path(path), text)
         return text
 
@@ -253,8 +230,45 @@ class ModelConfig:
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (validated again).
+
+        Sizes that followed the others follow them again: ModelConfig(n_heads=4) has
+        head_dim = d_model // 4, and its replace(n_heads=8) has head_dim = d_model // 8.
+        """
+        follow = {name: None for name in self._defaulted if name not in changes}
+        return dataclasses.replace(self, **follow, **changes)
+
+
+def _defaults(cfg: ModelConfig) -> dict[str, Any]:
+    """What each optional size is when it is left out (None), given the other fields."""
+    if cfg.activation in ("swiglu", "geglu"):
+        # Gated FFNs have three matrices; 8/3 * d keeps the parameter count of a 4 * d FFN
+        # (Shazeer 2020), rounded up to a multiple of 64 for fast matrix kernels.
+        d_ff = 64 * ((8 * cfg.d_model // 3 + 63) // 64)
+    else:
+        d_ff = 4 * cfg.d_model
+    return {
+        "n_kv_heads": cfg.n_heads,
+        "head_dim": cfg.d_model // cfg.n_heads,
+        "d_ff": d_ff,
+        "n_encoder_layers": 0 if cfg.family == "decoder" else cfg.n_layers,
+        "n_decoder_layers": 0 if cfg.family == "encoder" else cfg.n_layers,
+        "final_norm": cfg.norm_placement == "pre",
+    }
+
+
+def _check_sizes(cfg: ModelConfig) -> None:
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be at least 1")
+    for name in ("n_kv_heads", "head_dim", "d_ff"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name}={value} must be at least 1")
+    for name in ("n_encoder_layers", "n_decoder_layers"):
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"{name}={value} cannot be negative")
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -1,9 +1,12 @@
 """Transformer: the three families built from the same layers.
 
-    encoder          BERT         tokens -> Encoder -> MLM head | pooled embedding | classifier
+    encoder          BERT         tokens -> Encoder -> MLM head | sentence embedding | classifier
     decoder          GPT, Llama   tokens -> Decoder (causal) -> LM head -> next-token logits
     encoder-decoder  the paper    source -> Encoder -> memory
                                   target -> Decoder (causal, cross-attn to memory) -> LM head
+
+A family is which stacks the model has: `encoder`, `decoder`, or both. Each stack turns token
+vectors into contextual vectors the same way: add positions -> blocks -> final norm.
 
 Masks follow one convention everywhere: a padding mask is (B, T) with 1/True for a real token and
 0/False for padding.
@@ -12,165 +15,156 @@ Masks follow one convention everywhere: a padding mask is (B, T) with 1/True for
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
 from .errors import InputError
-from .layers.attention import KVCache
-from .layers.block import DecoderBlock, EncoderBlock
+from .layers.attention import CrossAttention, SelfAttention
+from .layers.block import DecoderBlock, DecoderCache, EncoderBlock
 from .layers.embedding import TokenEmbedding, TypeEmbedding
-from .layers.feedforward import ACTIVATIONS
+from .layers.feedforward import make_feedforward
+from .layers.heads import MLMTransform, Pooler, pool
 from .layers.norm import make_norm
 from .layers.position import LearnedPositions, RotaryEmbedding, SinusoidalPositions
 
+#: Parameter names of earlier qkv versions -> today's, so checkpoints on disk keep loading.
+RENAMED = {"tokens.weight": "token_embedding.weight"}
+
+
+def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with the parameter names of earlier qkv versions renamed (see RENAMED)."""
+    return {RENAMED.get(k, k): v for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------- building the blocks
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    return make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, bias=cfg.bias)
+
+
+def _attention(cfg: ModelConfig, kind: type[SelfAttention] | type[CrossAttention]) -> nn.Module:
+    return kind(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.bias,
+                cfg.attention_dropout)
+
+
+def _feedforward(cfg: ModelConfig) -> nn.Module:
+    return make_feedforward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.bias)
+
+
+def encoder_block(cfg: ModelConfig) -> EncoderBlock:
+    """One encoder block, its sublayers built as the config says."""
+    return EncoderBlock(attn=_attention(cfg, SelfAttention), attn_norm=_norm(cfg),
+                        ffn=_feedforward(cfg), ffn_norm=_norm(cfg),
+                        pre_norm=cfg.norm_placement == "pre", dropout=cfg.dropout)
+
+
+def decoder_block(cfg: ModelConfig, cross_attention: bool) -> DecoderBlock:
+    """One decoder block; with cross_attention it also attends to the encoder's output."""
+    return DecoderBlock(self_attn=_attention(cfg, SelfAttention), self_attn_norm=_norm(cfg),
+                        cross_attn=_attention(cfg, CrossAttention) if cross_attention else None,
+                        cross_attn_norm=_norm(cfg) if cross_attention else None,
+                        ffn=_feedforward(cfg), ffn_norm=_norm(cfg),
+                        pre_norm=cfg.norm_placement == "pre", dropout=cfg.dropout)
+
+
+# ---------------------------------------------------------------------- the two stacks
 
 class _Stack(nn.Module):
-    """What both stacks do before their blocks: add positions (and segments), norm, dropout."""
+    """What both stacks share: adding positions (and segments), and the final norm."""
 
     def __init__(self, cfg: ModelConfig, token_types: bool):
         super().__init__()
-        self.positions: nn.Module | None = None
-        self.rope: RotaryEmbedding | None = None
+        self.positions: nn.Module | None = None  # a vector per position, added to the token's
+        self.rope: RotaryEmbedding | None = None  # or: queries and keys rotated by position
         if cfg.position == "learned":
             self.positions = LearnedPositions(cfg.max_seq_len, cfg.d_model, cfg.position_offset)
         elif cfg.position == "sinusoidal":
             self.positions = SinusoidalPositions(cfg.max_seq_len, cfg.d_model,
                                                  cfg.sinusoidal_layout)
         elif cfg.position == "rope":
-            self.rope = RotaryEmbedding(cfg.d_head, cfg.rope_theta)
+            self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.types = TypeEmbedding(cfg.type_vocab_size, cfg.d_model) if token_types else None
-        self.embed_norm = (make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-                           if cfg.embedding_norm else None)
+        self.embed_norm = _norm(cfg) if cfg.embedding_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
-        self.norm = (make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-                     if cfg.has_final_norm else None)
+        self.norm = _norm(cfg) if cfg.final_norm else nn.Identity()
 
-    def embed(self, x: torch.Tensor, positions: torch.Tensor,
-              token_types: torch.Tensor | None = None):
-        """x: token vectors (B, T, d). Returns (vectors to feed the blocks, rope angles or None)."""
+    def add_positions(self, x: torch.Tensor, positions: torch.Tensor,
+                      token_types: torch.Tensor | None = None):
+        """Token vectors (B, T, d) -> (what the first block reads, RoPE's angles or None)."""
         if self.positions is not None:
             x = x + self.positions(positions).to(x.dtype)
-        if self.types is not None:
+        if self.types is not None:  # BERT's segments: sentence A (0) or B (1)
             if token_types is None:
                 token_types = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
             x = x + self.types(token_types)
-        if self.embed_norm is not None:
-            x = self.embed_norm(x)
         rope = self.rope(positions) if self.rope is not None else None
-        return self.drop(x), rope
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x) if self.norm is not None else x
+        return self.drop(self.embed_norm(x)), rope
 
 
 class Encoder(_Stack):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, token_types=cfg.type_vocab_size > 0)
-        self.layers = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.encoder_layers))
+        self.layers = nn.ModuleList(encoder_block(cfg) for _ in range(cfg.n_encoder_layers))
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None,
                 token_types: torch.Tensor | None = None) -> torch.Tensor:
+        """Token vectors (B, T, d_model) -> contextual vectors (B, T, d_model)."""
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)[None]  # (1, T)
-        x, rope = self.embed(x, positions, token_types)
+        x, rope = self.add_positions(x, positions, token_types)  # (B, T, d_model)
         mask = None if padding_mask is None else padding_mask[:, None, None, :]  # (B, 1, 1, T)
-        for layer in self.layers:
-            x = layer(x, mask, rope)
-        return self.finish(x)  # (B, T, d_model)
-
-
-class Cache:
-    """One (self-attention, cross-attention) KVCache pair per decoder layer."""
-
-    def __init__(self, n_layers: int):
-        self.layers = [(KVCache(), KVCache()) for _ in range(n_layers)]
-
-    def __len__(self) -> int:  # how many positions are cached
-        return len(self.layers[0][0]) if self.layers else 0
-
-    def reorder(self, index: torch.Tensor) -> None:
-        for self_cache, cross_cache in self.layers:
-            self_cache.reorder(index)
-            cross_cache.reorder(index)
+        for block in self.layers:
+            x = block(x, mask, rope)  # (B, T, d_model)
+        return self.norm(x)  # (B, T, d_model)
 
 
 class Decoder(_Stack):
     def __init__(self, cfg: ModelConfig, cross_attention: bool):
         super().__init__(cfg, token_types=False)
         self.layers = nn.ModuleList(
-            DecoderBlock(cfg, cross_attention) for _ in range(cfg.decoder_layers)
-        )
+            decoder_block(cfg, cross_attention) for _ in range(cfg.n_decoder_layers))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        padding_mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        memory: torch.Tensor | None = None,
-        memory_mask: torch.Tensor | None = None,
-        cache: Cache | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None,
+                cache: DecoderCache | None = None) -> torch.Tensor:
+        """Token vectors (B, T, d_model) -> contextual vectors (B, T, d_model), causally.
+
+        With a cache, x holds only the new positions and padding_mask covers past + new.
+        """
         T = x.shape[1]
         past = len(cache) if cache is not None else 0
         if positions is None:
             positions = torch.arange(past, past + T, device=x.device)[None]  # (1, T)
-        x, rope = self.embed(x, positions)
-        mask = None
-        if padding_mask is not None:  # covers past + new tokens: (B, past + T)
-            mask = padding_mask[:, None, None, :].expand(-1, 1, T, -1).clone()  # (B, 1, T, Tk)
-            # A padding query may have no real key to look at; let it see itself so that the
-            # softmax is defined (its output is never used).
-            idx = torch.arange(T, device=x.device)
-            mask[:, :, idx, past + idx] = True
+        x, rope = self.add_positions(x, positions)  # (B, T, d_model)
+        mask = _causal_padding_mask(padding_mask, T, past)  # (B, 1, T, past + T) or None
         if memory_mask is not None:
             memory_mask = memory_mask[:, None, None, :]  # (B, 1, 1, S)
-        for i, layer in enumerate(self.layers):
-            layer_cache = cache.layers[i] if cache is not None else None
-            x = layer(x, mask, rope, memory, memory_mask, layer_cache)
-        return self.finish(x)  # (B, T, d_model)
+        caches: Iterable = cache.layers if cache is not None else [None] * len(self.layers)
+        for block, layer_cache in zip(self.layers, caches, strict=True):
+            x = block(x, mask, rope, memory, memory_mask, layer_cache)  # (B, T, d_model)
+        return self.norm(x)  # (B, T, d_model)
 
 
-class MLMTransform(nn.Module):
-    """BERT's masked-LM head before the output layer: dense -> activation -> norm."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
-        self.act = ACTIVATIONS.get(cfg.activation, ACTIVATIONS["gelu"])
-        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.act(self.dense(h)))
-
-
-class Pooler(nn.Module):
-    """BERT's pooler: the first ([CLS]) token through dense + tanh."""
-
-    def __init__(self, d_model: int):
-        super().__init__()
-        self.dense = nn.Linear(d_model, d_model)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(h[:, 0]))  # (B, d_model)
-
-
-def pool(h: torch.Tensor, padding_mask: torch.Tensor | None, how: str) -> torch.Tensor:
-    """(B, T, d) -> (B, d): one vector per sequence, ignoring padding."""
+def _causal_padding_mask(padding_mask: torch.Tensor | None, T: int,
+                         past: int) -> torch.Tensor | None:
+    """(B, past + T) padding mask -> (B, 1, T, past + T) keys each new query may see (the causal
+    part is added by the attention itself)."""
     if padding_mask is None:
-        padding_mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
-    m = padding_mask.to(h.dtype)[..., None]  # (B, T, 1)
-    if how == "cls":
-        return h[:, 0]
-    if how == "last":  # the last real token, whichever side the padding is on
-        last = (padding_mask.long() * torch.arange(h.shape[1], device=h.device)).argmax(1)
-        return h[torch.arange(h.shape[0], device=h.device), last]
-    if how == "max":
-        return h.masked_fill(m == 0, float("-inf")).amax(1)
-    return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)  # mean
+        return None
+    mask = padding_mask[:, None, None, :].expand(-1, 1, T, -1).clone()  # (B, 1, T, past + T)
+    # A padding query may have no real key to look at; let it see itself so that the softmax
+    # is defined (its output is never used).
+    idx = torch.arange(T, device=padding_mask.device)
+    mask[:, :, idx, past + idx] = True
+    return mask
 
+
+# ---------------------------------------------------------------------- the model
 
 class Transformer(nn.Module):
     """A Transformer of any family, built from a ModelConfig."""
@@ -178,23 +172,27 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = cfg = config
-        family = cfg.family
-        self.tokens = TokenEmbedding(cfg.vocab_size, cfg.d_model, cfg.scale_embeddings)
-        self.encoder = Encoder(cfg) if family != "decoder" else None
-        self.decoder = Decoder(cfg, family == "encoder-decoder") if family != "encoder" else None
-        self.mlm_transform = MLMTransform(cfg) if cfg.mlm_transform else None
+        self.token_embedding = TokenEmbedding(cfg.vocab_size, cfg.d_model, cfg.scale_embeddings)
+        # The family is which stacks there are; the decoder of an encoder-decoder cross-attends.
+        self.encoder = Encoder(cfg) if cfg.n_encoder_layers else None
+        self.decoder = (Decoder(cfg, cross_attention=self.encoder is not None)
+                        if cfg.n_decoder_layers else None)
+        self.mlm_transform = (MLMTransform(cfg.d_model, cfg.activation,
+                                           make_norm(cfg.norm, cfg.d_model, cfg.norm_eps))
+                              if cfg.mlm_transform else nn.Identity())
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.pooler = Pooler(cfg.d_model) if cfg.pooler else None
         self.classifier = nn.Linear(cfg.d_model, cfg.num_labels) if cfg.num_labels else None
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 N), so the
         # sum over N layers keeps a variance independent of depth.
-        n = max(1, cfg.encoder_layers + cfg.decoder_layers)
+        n = max(1, cfg.n_encoder_layers + cfg.n_decoder_layers)
         for name, p in self.named_parameters():
             if name.endswith(("attn.out.weight", "ffn.down.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * n))
         if cfg.tie_embeddings:  # the output layer reuses the input embedding (Press & Wolf 2017)
-            self.lm_head.weight = self.tokens.weight
+            self.lm_head.weight = self.token_embedding.weight
+        self.register_load_state_dict_pre_hook(_accept_old_names)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -203,40 +201,30 @@ class Transformer(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    # ------------------------------------------------------------------ the families
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        tgt: torch.Tensor | None = None,
-        padding_mask: torch.Tensor | None = None,
-        *,
-        src_mask: torch.Tensor | None = None,
-        tgt_mask: torch.Tensor | None = None,
-        token_types: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        cache: Cache | None = None,
-    ) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, tgt: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None, *,
+                src_mask: torch.Tensor | None = None, tgt_mask: torch.Tensor | None = None,
+                token_types: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache: DecoderCache | None = None) -> torch.Tensor:
         """Logits over the vocabulary, (B, T, vocab_size).
 
         decoder:          model(tokens, padding_mask=None)         next-token logits
         encoder:          model(tokens, padding_mask=None)         masked-LM logits
         encoder-decoder:  model(src, tgt, src_mask=None, tgt_mask=None)
         """
-        family = self.config.family
-        if family == "encoder-decoder":
-            if tgt is None:
-                raise InputError("an encoder-decoder model needs target tokens: model(src, tgt)")
-            src_mask = padding_mask if src_mask is None else src_mask
-            memory = self.encode(tokens, src_mask)
-            return self.decode(tgt, memory, src_mask, tgt_mask, cache=cache)
-        if tgt is not None:
-            raise InputError(f"a {family} model takes one token sequence, not (src, tgt); pass "
-                             "a padding mask by name: model(tokens, padding_mask=mask)")
-        if family == "encoder":
+        if (tgt is not None) != (self.encoder is not None and self.decoder is not None):
+            raise InputError(
+                "an encoder-decoder model needs target tokens: model(src, tgt)" if tgt is None
+                else f"a {self.config.family} model takes one token sequence, not (src, tgt); "
+                "pass a padding mask by name: model(tokens, padding_mask=mask)")
+        if self.decoder is None:  # encoder: tokens -> encoder -> head
             return self.logits(self.encode(tokens, padding_mask, token_types, positions))
-        h = self.decoder(self.tokens(_ids(tokens)), _mask(padding_mask, tokens, cache), positions,
-                         cache=cache)
-        return self.logits(h)
+        memory = None
+        if self.encoder is not None:  # encoder-decoder: the source becomes the memory
+            src_mask = padding_mask if src_mask is None else src_mask
+            memory = self.encode(tokens, src_mask)  # (B, S, d_model)
+            tokens, padding_mask = tgt, tgt_mask
+        return self.decode(tokens, memory, src_mask, padding_mask, cache, positions)
 
     def encode(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
                token_types: torch.Tensor | None = None,
@@ -244,39 +232,62 @@ class Transformer(nn.Module):
         """Encoder output, one vector per token: (B, T, d_model)."""
         if self.encoder is None:
             raise InputError("a decoder-only model has no encoder; use hidden_states()")
-        tokens = _ids(tokens)
-        return self.encoder(self.tokens(tokens), _mask(padding_mask, tokens), positions,
-                            token_types)
+        x = self.token_embedding(_ids(tokens))  # (B, T, d_model)
+        return self.encoder(x, _mask(padding_mask, tokens), positions, token_types)
 
-    def decode(self, tgt: torch.Tensor, memory: torch.Tensor,
+    def decode(self, tokens: torch.Tensor, memory: torch.Tensor | None = None,
                src_mask: torch.Tensor | None = None, tgt_mask: torch.Tensor | None = None,
-               cache: Cache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Encoder-decoder: target logits given the encoder's memory, (B, T, vocab_size)."""
-        tgt = _ids(tgt)
-        if src_mask is not None and src_mask.shape != memory.shape[:2]:
+               cache: DecoderCache | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder path: logits (B, T, vocab_size) predicting the token after each position.
+
+        memory: the encoder's output (B, S, d_model) for an encoder-decoder, with its padding
+        mask src_mask (B, S); None for a decoder-only model.
+        """
+        h = self._decoder_states(tokens, memory, src_mask, tgt_mask, cache, positions)
+        return self.logits(h)  # (B, T, vocab_size)
+
+    def next_token_logits(self, tokens: torch.Tensor, cache: DecoderCache,
+                          padding_mask: torch.Tensor | None = None,
+                          positions: torch.Tensor | None = None,
+                          memory: torch.Tensor | None = None,
+                          src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits (B, vocab_size) of the token that follows `tokens` (B, T), the newest
+        positions of each row; the cache (`new_cache()`) holds the earlier ones and grows by T.
+
+        padding_mask (B, past + T) covers the cached positions too. An encoder-decoder passes
+        the encoder's memory and src_mask. Only the last position goes through the output layer.
+        """
+        h = self._decoder_states(tokens, memory, src_mask, padding_mask, cache, positions)
+        return self.logits(h[:, -1]).float()  # (B, vocab_size)
+
+    def _decoder_states(self, tokens, memory, src_mask, tgt_mask, cache, positions):
+        if self.decoder is None:
+            raise InputError("an encoder-only model has no decoder; use encode()")
+        if memory is None and self.encoder is not None:
+            raise InputError("an encoder-decoder model decodes from the encoder's memory: "
+                             "pass memory=model.encode(src, src_mask)")
+        if src_mask is not None and memory is not None and src_mask.shape != memory.shape[:2]:
             raise InputError(f"src_mask has shape {tuple(src_mask.shape)} but the source has "
                              f"shape {tuple(memory.shape[:2])}")
-        h = self.decoder(self.tokens(tgt), _mask(tgt_mask, tgt, cache), positions, memory,
-                         None if src_mask is None else src_mask.bool(), cache)
-        return self.logits(h)
+        x = self.token_embedding(_ids(tokens))  # (B, T, d_model)
+        return self.decoder(x, _mask(tgt_mask, tokens, cache), positions, memory,
+                            None if src_mask is None else src_mask.bool(), cache)
 
     # ------------------------------------------------------------------ heads
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The output layer: hidden vectors -> scores over the vocabulary (before softmax)."""
-        if self.mlm_transform is not None:
-            h = self.mlm_transform(h)
-        return self.lm_head(h)
+        return self.lm_head(self.mlm_transform(h))
 
     def hidden_states(self, tokens: torch.Tensor,
                       padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The last layer's vectors, (B, T, d): the encoder's, or the decoder's for decoders."""
         if self.encoder is not None:
             return self.encode(tokens, padding_mask)
-        tokens = _ids(tokens)
-        return self.decoder(self.tokens(tokens), _mask(padding_mask, tokens))
+        return self._decoder_states(tokens, None, None, padding_mask, None, None)
 
-    def embed(self, tokens: torch.Tensor,
-              padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def sentence_embedding(self, tokens: torch.Tensor,
+                           padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One vector per sequence (B, d_model), pooled as config.pooling says."""
         padding_mask = _mask(padding_mask, tokens)
         v = pool(self.hidden_states(tokens, padding_mask), padding_mask, self.config.pooling)
@@ -297,9 +308,9 @@ class Transformer(nn.Module):
                                                      self.training))
 
     # ------------------------------------------------------------------ helpers
-    def new_cache(self) -> Cache:
-        """An empty KV cache for incremental decoding."""
-        return Cache(self.config.decoder_layers)
+    def new_cache(self) -> DecoderCache:
+        """An empty KV cache for incremental decoding (next_token_logits)."""
+        return DecoderCache(self.config.n_decoder_layers)
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (a tied matrix counts once)."""
@@ -307,7 +318,14 @@ class Transformer(nn.Module):
 
     def tied_weights(self) -> dict[str, str]:
         """{name: name it shares storage with}: saved once in a checkpoint."""
-        return {"lm_head.weight": "tokens.weight"} if self.config.tie_embeddings else {}
+        return {"lm_head.weight": "token_embedding.weight"} if self.config.tie_embeddings else {}
+
+
+def _accept_old_names(module: nn.Module, state: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: rename parameters saved under earlier qkv names, in place."""
+    for old, new in RENAMED.items():
+        if prefix + old in state and prefix + new not in state:
+            state[prefix + new] = state.pop(prefix + old)
 
 
 def _ids(tokens: torch.Tensor) -> torch.Tensor:
@@ -319,7 +337,7 @@ def _ids(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _mask(padding_mask: torch.Tensor | None, tokens: torch.Tensor,
-          cache: Cache | None = None) -> torch.Tensor | None:
+          cache: DecoderCache | None = None) -> torch.Tensor | None:
     """Check a (B, T) padding mask and make it bool; with a cache it also covers the past."""
     if padding_mask is None:
         return None

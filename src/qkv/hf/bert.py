@@ -128,13 +128,13 @@ def config_from_hf(hf: dict[str, Any], shapes: dict[str, list[int]]) -> ModelCon
 
 def rules(cfg: ModelConfig) -> list[Rule]:
     """Every qkv tensor of a BERT-shaped model and where it lives in a BERT checkpoint."""
-    d = cfg.n_heads * cfg.d_head
+    d = cfg.n_heads * cfg.head_dim
     out = [copy("tokens.weight", "embeddings.word_embeddings.weight"),
            copy("encoder.positions.weight", "embeddings.position_embeddings.weight")]
     if cfg.type_vocab_size:
         out.append(copy("encoder.types.weight", "embeddings.token_type_embeddings.weight"))
     out += norm("encoder.embed_norm", "embeddings.LayerNorm")
-    for i in range(cfg.encoder_layers):
+    for i in range(cfg.n_encoder_layers):
         h, q = f"encoder.layer.{i}", f"encoder.layers.{i}"
         parts = [f"{h}.attention.self.{p}" for p in ("query", "key", "value")]
         out += fused(f"{q}.attn.qkv", parts, [d, d, d])
@@ -176,13 +176,13 @@ def mismatch(cfg: ModelConfig) -> str | None:
         (cfg.position_offset == 0, f"position_offset={cfg.position_offset}", "offset 0"),
         (cfg.norm == "layernorm", cfg.norm, "layernorm"),
         (cfg.norm_placement == "post", "pre-LN", "post-LN"),
-        (not cfg.has_final_norm, "a final norm", "no final norm"),
+        (not cfg.final_norm, "a final norm", "no final norm"),
         (cfg.embedding_norm, "no embedding norm", "a norm after the embeddings"),
         (cfg.activation in ACTIVATIONS_TO_HF, f"activation {cfg.activation}",
          "a non-gated activation"),
         (cfg.bias, "bias=False", "biases"),
-        (cfg.kv_heads == cfg.n_heads, "grouped-query attention", "as many kv heads as heads"),
-        (cfg.n_heads * cfg.d_head == cfg.d_model, f"head_dim={cfg.d_head}",
+        (cfg.n_kv_heads == cfg.n_heads, "grouped-query attention", "as many kv heads as heads"),
+        (cfg.n_heads * cfg.head_dim == cfg.d_model, f"head_dim={cfg.head_dim}",
          "head_dim = d_model / n_heads"),
         (not cfg.scale_embeddings, "scale_embeddings", "unscaled embeddings"),
         (cfg.type_vocab_size > 0, "no token types", "token-type embeddings"),
@@ -212,7 +212,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
-        "intermediate_size": cfg.ff_dim,
+        "intermediate_size": cfg.d_ff,
         "max_position_embeddings": cfg.max_seq_len,
         "type_vocab_size": cfg.type_vocab_size,
         "hidden_act": ACTIVATIONS_TO_HF[cfg.activation],

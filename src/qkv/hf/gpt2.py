@@ -87,7 +87,7 @@ def _conv1d(qkv: str, hf: str) -> list[Rule]:
 def rules(cfg: ModelConfig) -> list[Rule]:
     """Every qkv tensor of a GPT-2 shaped model and where it lives in a GPT-2 checkpoint."""
     out = [copy("tokens.weight", "wte.weight"), copy("decoder.positions.weight", "wpe.weight")]
-    for i in range(cfg.decoder_layers):
+    for i in range(cfg.n_decoder_layers):
         h, q = f"h.{i}", f"decoder.layers.{i}"
         out += norm(f"{q}.self_attn_norm", f"{h}.ln_1")
         out += _conv1d(f"{q}.self_attn.qkv", f"{h}.attn.c_attn")
@@ -118,12 +118,12 @@ def mismatch(cfg: ModelConfig) -> str | None:
         (cfg.position_offset == 0, f"position_offset={cfg.position_offset}", "offset 0"),
         (cfg.norm == "layernorm", cfg.norm, "layernorm"),
         (cfg.norm_placement == "pre", "post-LN", "pre-LN"),
-        (cfg.has_final_norm, "no final norm", "a final norm"),
+        (cfg.final_norm, "no final norm", "a final norm"),
         (cfg.activation in ACTIVATIONS_TO_HF, f"activation {cfg.activation}",
          "a non-gated activation"),
         (cfg.bias, "bias=False", "biases"),
-        (cfg.kv_heads == cfg.n_heads, "grouped-query attention", "as many kv heads as heads"),
-        (cfg.n_heads * cfg.d_head == cfg.d_model, f"head_dim={cfg.d_head}",
+        (cfg.n_kv_heads == cfg.n_heads, "grouped-query attention", "as many kv heads as heads"),
+        (cfg.n_heads * cfg.head_dim == cfg.d_model, f"head_dim={cfg.head_dim}",
          "head_dim = d_model / n_heads"),
         (not cfg.scale_embeddings, "scale_embeddings", "unscaled embeddings"),
         (not cfg.embedding_norm, "embedding_norm", "no embedding norm"),
@@ -143,7 +143,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "n_embd": cfg.d_model,
         "n_layer": cfg.n_layers,
         "n_head": cfg.n_heads,
-        "n_inner": cfg.ff_dim,
+        "n_inner": cfg.d_ff,
         "n_positions": cfg.max_seq_len,
         "activation_function": ACTIVATIONS_TO_HF[cfg.activation],
         "layer_norm_epsilon": cfg.norm_eps,

@@ -92,9 +92,9 @@ def config_from_hf(hf: dict[str, Any], shapes: dict[str, list[int]]) -> ModelCon
 
 def rules(cfg: ModelConfig) -> list[Rule]:
     """Every qkv tensor of a Llama-shaped model and where it lives in a Llama checkpoint."""
-    q_rows, kv_rows = cfg.n_heads * cfg.d_head, cfg.kv_heads * cfg.d_head
+    q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     out = [copy("tokens.weight", "embed_tokens.weight")]
-    for i in range(cfg.decoder_layers):
+    for i in range(cfg.n_decoder_layers):
         h, q = f"layers.{i}", f"decoder.layers.{i}"
         out += norm(f"{q}.self_attn_norm", f"{h}.input_layernorm", bias=False)
         out += fused(f"{q}.self_attn.qkv", [f"{h}.self_attn.{p}_proj" for p in "qkv"],
@@ -124,7 +124,7 @@ def mismatch(cfg: ModelConfig) -> str | None:
         (cfg.position == "rope", f"{cfg.position} positions", "rope positions"),
         (cfg.norm == "rmsnorm", cfg.norm, "rmsnorm"),
         (cfg.norm_placement == "pre", "post-LN", "pre-LN"),
-        (cfg.has_final_norm, "no final norm", "a final norm"),
+        (cfg.final_norm, "no final norm", "a final norm"),
         (cfg.activation in GATES_TO_HF, f"activation {cfg.activation}", "swiglu or geglu"),
         (not cfg.scale_embeddings, "scale_embeddings", "unscaled embeddings"),
         (not cfg.embedding_norm, "embedding_norm", "no embedding norm"),
@@ -144,9 +144,9 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.d_head,
-        "intermediate_size": cfg.ff_dim,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.d_ff,
         "max_position_embeddings": cfg.max_seq_len,
         "hidden_act": GATES_TO_HF[cfg.activation],
         "rms_norm_eps": cfg.norm_eps,

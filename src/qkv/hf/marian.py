@@ -130,9 +130,9 @@ def config_from_hf(hf: dict[str, Any], shapes: dict[str, list[int]]) -> ModelCon
 
 def seq2seq_rules(cfg: ModelConfig, learned_positions: bool = False) -> list[Rule]:
     """The tensors of a BART-family encoder-decoder (Marian, BART), stack by stack."""
-    d = cfg.n_heads * cfg.d_head
+    d = cfg.n_heads * cfg.head_dim
     out = [copy("tokens.weight", "shared.weight")]
-    for stack, n in (("encoder", cfg.encoder_layers), ("decoder", cfg.decoder_layers)):
+    for stack, n in (("encoder", cfg.n_encoder_layers), ("decoder", cfg.n_decoder_layers)):
         if learned_positions:  # BART: learned tables and a LayerNorm after the embeddings
             out.append(copy(f"{stack}.positions.weight", f"{stack}.embed_positions.weight"))
             out += norm(f"{stack}.embed_norm", f"{stack}.layernorm_embedding")
@@ -184,12 +184,12 @@ def seq2seq_checks(cfg: ModelConfig) -> list[tuple[bool, str, str]]:
         (cfg.norm == "layernorm", cfg.norm, "layernorm"),
         (cfg.norm_eps == 1e-5, f"norm_eps={cfg.norm_eps}", "norm_eps=1e-5"),
         (cfg.norm_placement == "post", "pre-LN", "post-LN"),
-        (not cfg.has_final_norm, "a final norm", "no final norm"),
+        (not cfg.final_norm, "a final norm", "no final norm"),
         (cfg.activation in ACTIVATIONS_TO_HF, f"activation {cfg.activation}",
          "a non-gated activation"),
         (cfg.bias, "bias=False", "biases"),
-        (cfg.kv_heads == cfg.n_heads, "grouped-query attention", "as many kv heads as heads"),
-        (cfg.n_heads * cfg.d_head == cfg.d_model, f"head_dim={cfg.d_head}",
+        (cfg.n_kv_heads == cfg.n_heads, "grouped-query attention", "as many kv heads as heads"),
+        (cfg.n_heads * cfg.head_dim == cfg.d_model, f"head_dim={cfg.head_dim}",
          "head_dim = d_model / n_heads"),
         (cfg.type_vocab_size == 0, "token types", "no token types"),
         (not (cfg.mlm_transform or cfg.pooler or cfg.labels), "an encoder head",
@@ -213,12 +213,12 @@ def seq2seq_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return {
         "vocab_size": cfg.vocab_size,
         "d_model": cfg.d_model,
-        "encoder_layers": cfg.encoder_layers,
-        "decoder_layers": cfg.decoder_layers,
+        "encoder_layers": cfg.n_encoder_layers,
+        "decoder_layers": cfg.n_decoder_layers,
         "encoder_attention_heads": cfg.n_heads,
         "decoder_attention_heads": cfg.n_heads,
-        "encoder_ffn_dim": cfg.ff_dim,
-        "decoder_ffn_dim": cfg.ff_dim,
+        "encoder_ffn_dim": cfg.d_ff,
+        "decoder_ffn_dim": cfg.d_ff,
         "max_position_embeddings": cfg.max_seq_len,
         "dropout": cfg.dropout,
         "attention_dropout": cfg.attention_dropout,

@@ -1,15 +1,16 @@
 """The boxes of the Transformer diagram, one small file each."""
 
 from .attention import CrossAttention, KVCache, SelfAttention, attention, record_attention
-from .block import DecoderBlock, EncoderBlock
+from .block import DecoderBlock, DecoderCache, EncoderBlock
 from .embedding import TokenEmbedding, TypeEmbedding
 from .feedforward import FeedForward, GatedFeedForward
+from .heads import MLMTransform, Pooler, pool
 from .norm import LayerNorm, RMSNorm
 from .position import LearnedPositions, RotaryEmbedding, SinusoidalPositions, sinusoidal_table
 
 __all__ = [
-    "CrossAttention", "DecoderBlock", "EncoderBlock", "FeedForward", "GatedFeedForward",
-    "KVCache", "LayerNorm", "LearnedPositions", "RMSNorm", "RotaryEmbedding", "SelfAttention",
-    "SinusoidalPositions", "TokenEmbedding", "TypeEmbedding", "attention", "record_attention",
-    "sinusoidal_table",
+    "CrossAttention", "DecoderBlock", "DecoderCache", "EncoderBlock", "FeedForward",
+    "GatedFeedForward", "KVCache", "LayerNorm", "LearnedPositions", "MLMTransform", "Pooler",
+    "RMSNorm", "RotaryEmbedding", "SelfAttention", "SinusoidalPositions", "TokenEmbedding",
+    "TypeEmbedding", "attention", "pool", "record_attention", "sinusoidal_table",
 ]

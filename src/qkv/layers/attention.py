@@ -126,12 +126,14 @@ class KVCache:
 class _Heads(nn.Module):
     """What self- and cross-attention share: head bookkeeping and the output projection."""
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool,
-                 dropout: float):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
+                 head_dim: int | None = None, bias: bool = True, dropout: float = 0.0):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads  # default: one key/value head per query head
+        self.head_dim = head_dim or d_model // n_heads
         self.dropout = dropout
-        self.out = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.recorded: list[torch.Tensor] | None = None  # set by `record_attention`
 
     def split(self, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -154,10 +156,9 @@ class SelfAttention(_Heads):
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
                  head_dim: int | None = None, bias: bool = True, dropout: float = 0.0):
-        n_kv_heads = n_kv_heads or n_heads
-        head_dim = head_dim or d_model // n_heads
         super().__init__(d_model, n_heads, n_kv_heads, head_dim, bias, dropout)
-        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias)
+        rows = (n_heads + 2 * self.n_kv_heads) * self.head_dim  # [q; k; v]
+        self.qkv = nn.Linear(d_model, rows, bias=bias)
 
     def forward(
         self,
@@ -182,11 +183,9 @@ class CrossAttention(_Heads):
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
                  head_dim: int | None = None, bias: bool = True, dropout: float = 0.0):
-        n_kv_heads = n_kv_heads or n_heads
-        head_dim = head_dim or d_model // n_heads
         super().__init__(d_model, n_heads, n_kv_heads, head_dim, bias, dropout)
-        self.q = nn.Linear(d_model, n_heads * head_dim, bias=bias)
-        self.kv = nn.Linear(d_model, 2 * n_kv_heads * head_dim, bias=bias)
+        self.q = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
+        self.kv = nn.Linear(d_model, 2 * self.n_kv_heads * self.head_dim, bias=bias)
 
     def forward(
         self,

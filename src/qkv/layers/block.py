@@ -8,6 +8,9 @@ Pre-LN trains more stably in deep stacks without a learning-rate warm-up (Xiong 
 EncoderBlock:  self-attention (every token sees every token)        -> feed-forward
 DecoderBlock:  causal self-attention (no peeking at later tokens)
                -> cross-attention to the encoder (encoder-decoder models only) -> feed-forward
+
+A block receives its sublayers ready-made (the stack in `qkv.model` builds them from the config):
+it only wires them together, so the same block serves every attention, norm and feed-forward.
 """
 
 from __future__ import annotations
@@ -17,22 +20,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..config import ModelConfig
 from .attention import CrossAttention, KVCache, SelfAttention
-from .feedforward import make_feedforward
-from .norm import make_norm
 
 
 class _Residual(nn.Module):
     """Shared by both blocks: one "add & norm" around a sublayer."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, pre_norm: bool, dropout: float):
         super().__init__()
-        self.pre_norm = cfg.norm_placement == "pre"
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def _norm(self, cfg: ModelConfig) -> nn.Module:
-        return make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, bias=cfg.bias)
+        self.pre_norm = pre_norm
+        self.drop = nn.Dropout(dropout)
 
     def residual(self, x: torch.Tensor, norm: nn.Module,
                  sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -42,13 +39,13 @@ class _Residual(nn.Module):
 
 
 class EncoderBlock(_Residual):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.bias,
-                                  cfg.attention_dropout)
-        self.attn_norm = self._norm(cfg)
-        self.ffn = make_feedforward(cfg.d_model, cfg.ff_dim, cfg.activation, cfg.bias)
-        self.ffn_norm = self._norm(cfg)
+    """x -> add & norm(self-attention) -> add & norm(feed-forward)."""
+
+    def __init__(self, attn: SelfAttention, attn_norm: nn.Module, ffn: nn.Module,
+                 ffn_norm: nn.Module, pre_norm: bool = True, dropout: float = 0.0):
+        super().__init__(pre_norm, dropout)
+        self.attn, self.attn_norm = attn, attn_norm
+        self.ffn, self.ffn_norm = ffn, ffn_norm
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -57,18 +54,17 @@ class EncoderBlock(_Residual):
 
 
 class DecoderBlock(_Residual):
-    def __init__(self, cfg: ModelConfig, cross_attention: bool = False):
-        super().__init__(cfg)
-        self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head,
-                                       cfg.bias, cfg.attention_dropout)
-        self.self_attn_norm = self._norm(cfg)
-        self.cross_attn = self.cross_attn_norm = None
-        if cross_attention:
-            self.cross_attn = CrossAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head,
-                                             cfg.bias, cfg.attention_dropout)
-            self.cross_attn_norm = self._norm(cfg)
-        self.ffn = make_feedforward(cfg.d_model, cfg.ff_dim, cfg.activation, cfg.bias)
-        self.ffn_norm = self._norm(cfg)
+    """x -> add & norm(causal self-attention) [-> add & norm(cross-attention)]
+    -> add & norm(feed-forward)."""
+
+    def __init__(self, self_attn: SelfAttention, self_attn_norm: nn.Module, ffn: nn.Module,
+                 ffn_norm: nn.Module, cross_attn: CrossAttention | None = None,
+                 cross_attn_norm: nn.Module | None = None, pre_norm: bool = True,
+                 dropout: float = 0.0):
+        super().__init__(pre_norm, dropout)
+        self.self_attn, self.self_attn_norm = self_attn, self_attn_norm
+        self.cross_attn, self.cross_attn_norm = cross_attn, cross_attn_norm
+        self.ffn, self.ffn_norm = ffn, ffn_norm
 
     def forward(
         self,
@@ -84,9 +80,26 @@ class DecoderBlock(_Residual):
             x, self.self_attn_norm,
             lambda h: self.self_attn(h, mask, causal=True, rope=rope, cache=self_cache),
         )
-        if self.cross_attn is not None:
+        if self.cross_attn is not None and self.cross_attn_norm is not None:
+            cross_attn = self.cross_attn
             x = self.residual(
                 x, self.cross_attn_norm,
-                lambda h: self.cross_attn(h, memory, memory_mask, cache=cross_cache),
+                lambda h: cross_attn(h, memory, memory_mask, cache=cross_cache),
             )
         return self.residual(x, self.ffn_norm, self.ffn)  # (B, T, d_model)
+
+
+class DecoderCache:
+    """The decoder's KV caches: one (self-attention, cross-attention) pair per block."""
+
+    def __init__(self, n_layers: int):
+        self.layers = [(KVCache(), KVCache()) for _ in range(n_layers)]
+
+    def __len__(self) -> int:  # how many positions are cached
+        return len(self.layers[0][0]) if self.layers else 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (beam search reorders hypotheses)."""
+        for self_cache, cross_cache in self.layers:
+            self_cache.reorder(index)
+            cross_cache.reorder(index)

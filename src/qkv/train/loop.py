@@ -358,7 +358,7 @@ def compiled_forward(model: Transformer) -> Callable[[torch.Tensor], torch.Tenso
     stack = torch.compile(model.decoder if model.encoder is None else model.encoder)
 
     def forward(tokens: torch.Tensor) -> torch.Tensor:
-        return stack(model.tokens(tokens))  # (B, T, d)
+        return stack(model.token_embedding(tokens))  # (B, T, d)
 
     return forward
 
