@@ -34,7 +34,7 @@ def test_save_load_is_bit_exact(tmp_path, family):
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert loaded.lm_head.weight is loaded.tokens.weight  # still tied after loading
+    assert loaded.lm_head.weight is loaded.token_embedding.weight  # still tied after loading
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     umask = os.umask(0)
     os.umask(umask)
@@ -44,7 +44,7 @@ def test_save_load_is_bit_exact(tmp_path, family):
 def test_tied_weights_are_stored_once_and_tokenizer_round_trips(saved):
     model, tok, path = saved
     tensors = load_file(str(path / "model.safetensors"))
-    assert "tokens.weight" in tensors and "lm_head.weight" not in tensors
+    assert "token_embedding.weight" in tensors and "lm_head.weight" not in tensors
     loaded, tok2 = qkv.load(path)
     assert tok2.encode("atenção 😀") == tok.encode("atenção 😀")
     assert json.loads((path / "config.json").read_text())["qkv_version"] == qkv.__version__
@@ -91,7 +91,7 @@ def test_a_failed_write_leaves_the_previous_file(saved, monkeypatch):
 
     monkeypatch.setattr("qkv.io.save_file", crash)
     with torch.no_grad():
-        model.tokens.weight.add_(1.0)
+        model.token_embedding.weight.add_(1.0)
     with pytest.raises(OSError):
         qkv.save(model, None, path)
     assert (path / "model.safetensors").read_bytes() == before

@@ -177,7 +177,7 @@ def test_save_refuses_configs_no_architecture_fits(tmp_path, fields, message):
 
 
 def test_architecture_choice():
-    names = {name: architecture_for(qkv.ModelConfig(**fields)).MODEL_TYPE
+    names = {name: architecture_for(qkv.ModelConfig(**fields)).model_type
              for name, fields in [("gpt2", GPT2), ("llama", LLAMA), ("bert", BERT),
                                   ("marian", MARIAN)]}
     assert names == {"gpt2": "gpt2", "llama": "llama", "bert": "bert", "marian": "marian"}

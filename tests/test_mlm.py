@@ -101,7 +101,7 @@ def test_mlm_loss_equals_full_cross_entropy(tok):
                            ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-5)
     loss.backward()
-    assert model.tokens.weight.grad is not None
+    assert model.token_embedding.weight.grad is not None
 
 
 class Windows:

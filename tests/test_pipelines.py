@@ -65,7 +65,7 @@ def test_feature_extraction_shapes(tok):
     one, many = emb("the film was good"), emb(TEXTS)
     assert one.shape == (32,) and many.shape == (3, 32)
     ids = torch.tensor([tok.encode("the film was good")])
-    torch.testing.assert_close(one, model.eval().embed(ids)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one, model.eval().sentence_embedding(ids)[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(many[0], one, rtol=1e-5, atol=1e-5)
     unit = emb(TEXTS, normalize=True)
     torch.testing.assert_close(unit.norm(dim=-1), torch.ones(3))

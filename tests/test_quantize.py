@@ -68,7 +68,7 @@ def test_a_quantized_model_keeps_its_predictions(activations):
     assert not any(type(m) is torch.nn.Linear for m in quantized.modules())
     assert relative_error(out, ref) < 0.03
     # The output layer got its own int8 copy; the float embedding table is unchanged.
-    assert torch.equal(quantized.tokens.weight, model.tokens.weight)
+    assert torch.equal(quantized.token_embedding.weight, model.token_embedding.weight)
     assert isinstance(quantized.lm_head, Int8Linear)
     # Generation runs through the quantized layers (KV cache and all).
     produced = list(decode_tokens(quantized, [[1, 2, 3]], 10, temperature=0))

@@ -68,7 +68,7 @@ def test_weight_decay_applies_to_matrices_only():
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decayed["params"])
     assert all(p.dim() == 1 for p in plain["params"]) and plain["params"]
-    assert model.tokens.weight in decayed["params"]  # embeddings decay too (as in nanoGPT)
+    assert model.token_embedding.weight in decayed["params"]  # embeddings decay too (as in nanoGPT)
 
 
 def test_optimizer_state_round_trips_through_safetensors(tmp_path):

@@ -1,8 +1,9 @@
 """Sentence embeddings, fast: one vector per text, for search, clustering and similarity.
 
 An encoder (such as all-MiniLM-L6-v2) reads a sentence and gives one vector per token;
-:meth:`Transformer.embed` pools them into one vector per sentence (``config.pooling``) and, if
-the config says so, scales it to length 1 so that a dot product is the cosine similarity.
+:meth:`Transformer.sentence_embedding` pools them into one vector per sentence
+(``config.pooling``) and, if the config says so, scales it to length 1 so that a dot product
+is the cosine similarity.
 
 :func:`encode_sentences` runs that over many texts with three tricks that change the speed and
 not the result:

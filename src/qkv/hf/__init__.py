@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,21 +27,29 @@ from ..errors import CheckpointError, ConfigError, QkvError, UnsupportedModelErr
 from ..io import atomic_write_safetensors, atomic_write_text
 from ..model import Transformer
 from . import bart, bert, gpt2, llama, marian
-from .common import WEIGHTS, add_prefix, read_hf_tensors, strip_prefix, to_hf, to_qkv
+from .common import (
+    WEIGHTS,
+    Architecture,
+    add_prefix,
+    read_hf_tensors,
+    strip_prefix,
+    to_hf,
+    to_qkv,
+)
 from .sentence import read_sentence_transformers, write_sentence_transformers
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
 
-ARCHITECTURES: dict[str, ModuleType] = {
-    m.MODEL_TYPE: m for m in (gpt2, bert, llama, marian, bart)
+ARCHITECTURES: dict[str, Architecture] = {
+    m.ARCHITECTURE.model_type: m.ARCHITECTURE for m in (gpt2, bert, llama, marian, bart)
 }
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
 
-__all__ = ["ARCHITECTURES", "architecture_for", "load_hf", "save_hf"]
+__all__ = ["ARCHITECTURES", "Architecture", "architecture_for", "load_hf", "save_hf"]
 
 
-def _module(model_type: object, where: Path) -> ModuleType:
+def _architecture(model_type: object, where: Path) -> Architecture:
     if model_type not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"{where / CONFIG} has model_type {model_type!r}; qkv reads "
@@ -51,13 +58,13 @@ def _module(model_type: object, where: Path) -> ModuleType:
     return ARCHITECTURES[model_type]
 
 
-def _tensors(arch: ModuleType, path: Path, data: dict) -> dict[str, torch.Tensor]:
-    tensors = strip_prefix(read_hf_tensors(path), arch.PREFIX)
-    prepare = getattr(arch, "prepare", None)  # other spellings and duplicated tensors
-    return prepare(tensors, data) if prepare is not None else tensors
+def _tensors(arch: Architecture, path: Path, data: dict) -> dict[str, torch.Tensor]:
+    # other spellings and duplicated tensors are sorted out by arch.prepare
+    return arch.prepare(strip_prefix(read_hf_tensors(path), arch.prefix), data)
 
 
-def _config(arch: ModuleType, data: dict, shapes: dict[str, list[int]], path: Path) -> ModelConfig:
+def _config(arch: Architecture, data: dict, shapes: dict[str, list[int]],
+            path: Path) -> ModelConfig:
     try:
         cfg = arch.config_from_hf(data, shapes)
         return cfg.replace(**read_sentence_transformers(path, cfg.max_seq_len))
@@ -83,11 +90,11 @@ def load_hf(path: str | Path) -> tuple[Transformer, Tokenizer | None]:
 
     The architecture comes from config.json's model_type; which heads exist (an LM head, BERT's
     pooler, a classifier) is read from the tensors present. A sentence-transformers folder also
-    sets the pooling and normalisation of :meth:`Transformer.embed`.
+    sets the pooling and normalisation of :meth:`Transformer.sentence_embedding`.
     """
     path = Path(path)
     data = read_config_json(path)
-    arch = _module(data.get("model_type"), path)
+    arch = _architecture(data.get("model_type"), path)
     tensors = _tensors(arch, path, data)
     cfg = _config(arch, data, {k: list(v.shape) for k, v in tensors.items()}, path)
     tokenizer = _load_tokenizer(path)
@@ -101,12 +108,12 @@ def load_hf(path: str | Path) -> tuple[Transformer, Tokenizer | None]:
     tied = model.tied_weights()
     left = [k for k in expected if k not in state and k not in tied]
     if left:  # the rules of every architecture cover its whole model: this is a bug
-        raise RuntimeError(f"qkv.hf.{arch.MODEL_TYPE} maps no tensor to {left[0]}")
+        raise RuntimeError(f"qkv.hf.{arch.model_type} maps no tensor to {left[0]}")
     model.load_state_dict(state, strict=False)
     return model.eval(), tokenizer
 
 
-def architecture_for(cfg: ModelConfig) -> ModuleType:
+def architecture_for(cfg: ModelConfig) -> Architecture:
     """The Hugging Face architecture `cfg` is written as; UnsupportedModelError if none fits.
 
     The family and the position scheme choose the candidate (a decoder with RoPE is Llama, any
@@ -114,11 +121,11 @@ def architecture_for(cfg: ModelConfig) -> ModuleType:
     other Marian); the candidate then names the first feature it cannot hold.
     """
     if cfg.family == "decoder":
-        arch = llama if cfg.position == "rope" else gpt2
+        arch = (llama if cfg.position == "rope" else gpt2).ARCHITECTURE
     elif cfg.family == "encoder":
-        arch = bert
+        arch = bert.ARCHITECTURE
     else:
-        arch = bart if cfg.position == "learned" else marian
+        arch = (bart if cfg.position == "learned" else marian).ARCHITECTURE
     problem = arch.mismatch(cfg)
     if problem:
         raise UnsupportedModelError(problem)
@@ -147,11 +154,9 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str | Path) -
     hf_config = arch.config_to_hf(cfg)
     state = model.state_dict()
     tensors = to_hf(state, rules)
-    finish = getattr(arch, "finish_hf", None)
-    if finish is not None:  # tensors an architecture keeps twice (see bert.finish_hf)
-        tensors = finish(tensors, cfg)
-    if hf_config["architectures"][0] != getattr(arch, "BASE_ARCHITECTURE", None):
-        tensors = add_prefix(tensors, rules, arch.PREFIX)
+    tensors = arch.finish_hf(tensors, cfg)  # tensors an architecture keeps twice
+    if hf_config["architectures"][0] != arch.base_architecture:
+        tensors = add_prefix(tensors, rules, arch.prefix)
     # Own, contiguous CPU copies: safetensors refuses views that share storage (split parts).
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     dtype = next(iter(state.values())).dtype

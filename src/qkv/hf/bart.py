@@ -10,6 +10,8 @@ differences: learned position tables that keep two unused rows before position 0
     {stack}.embed_positions (max_len + 2, d)                                  {stack}.positions
     {stack}.layernorm_embedding                                               {stack}.embed_norm
     (every other tensor as in Marian; {stack} is encoder or decoder)
+
+The shared parts live in :mod:`qkv.hf.common` (``seq2seq_*``).
 """
 
 from __future__ import annotations
@@ -17,24 +19,27 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
-from .common import ACTIVATIONS_TO_HF, Rule, activation_from_hf, first_mismatch, get, unsupported
-from .marian import (
-    finish_hf,
-    prepare,
+from .common import (
+    ACTIVATIONS_TO_HF,
+    Architecture,
+    Rule,
+    activation_from_hf,
+    first_mismatch,
+    get,
+    positions_are,
     seq2seq_checks,
     seq2seq_config_to_hf,
+    seq2seq_finish_hf,
     seq2seq_ignored,
+    seq2seq_prepare,
     seq2seq_rules,
     seq2seq_sizes,
+    unsupported,
 )
 
 MODEL_TYPE = "bart"
 PREFIX = "model."
 OFFSET = 2  # BART's learned position tables start with two unused rows
-
-__all__ = ["config_from_hf", "config_to_hf", "finish_hf", "ignored", "mismatch", "prepare",
-           "rules"]
-
 
 def config_from_hf(hf: dict[str, Any], shapes: dict[str, list[int]]) -> ModelConfig:
     """A BART config.json -> ModelConfig (raises UnsupportedModelError for what qkv lacks)."""
@@ -71,9 +76,7 @@ def ignored(cfg: ModelConfig) -> list[str]:
 def mismatch(cfg: ModelConfig) -> str | None:
     """Why `cfg` cannot be written as BART, or None when it can."""
     return first_mismatch("BART", "an encoder-decoder", [
-        (cfg.position == "learned", f"{cfg.position} positions", "learned positions"),
-        (cfg.position_offset == OFFSET, f"position_offset={cfg.position_offset}",
-         f"position_offset={OFFSET}"),
+        *positions_are(cfg, "learned", OFFSET),
         (cfg.embedding_norm, "no embedding norm", "a norm after the embeddings"),
         *seq2seq_checks(cfg),
     ])
@@ -87,3 +90,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         **seq2seq_config_to_hf(cfg),
         "activation_function": ACTIVATIONS_TO_HF[cfg.activation],
     }
+
+
+ARCHITECTURE = Architecture(MODEL_TYPE, PREFIX, config_from_hf, config_to_hf, rules, ignored,
+                            mismatch, prepare=seq2seq_prepare, finish_hf=seq2seq_finish_hf)

@@ -12,7 +12,7 @@ then blocks of "add & norm" around self-attention and a GELU feed-forward. Its h
 Hugging Face keeps query, key and value as three linear layers; qkv stacks them into one.
 
     Hugging Face (BertModel, or "bert." + ... with a head)        qkv
-    embeddings.word_embeddings                                    tokens
+    embeddings.word_embeddings                                    token_embedding
     embeddings.position_embeddings                                encoder.positions
     embeddings.token_type_embeddings                              encoder.types
     embeddings.LayerNorm                                          encoder.embed_norm
@@ -38,17 +38,23 @@ import torch
 from ..config import ModelConfig
 from .common import (
     ACTIVATIONS_TO_HF,
+    Architecture,
     Rule,
     activation_from_hf,
     copy,
+    family_is,
     first_mismatch,
     fused,
     get,
     labels_from_hf,
+    layout_is,
     linear,
     norm,
+    plain_layers,
+    positions_are,
     token_id,
     unsupported,
+    without,
 )
 
 MODEL_TYPE = "bert"
@@ -129,7 +135,7 @@ def config_from_hf(hf: dict[str, Any], shapes: dict[str, list[int]]) -> ModelCon
 def rules(cfg: ModelConfig) -> list[Rule]:
     """Every qkv tensor of a BERT-shaped model and where it lives in a BERT checkpoint."""
     d = cfg.n_heads * cfg.head_dim
-    out = [copy("tokens.weight", "embeddings.word_embeddings.weight"),
+    out = [copy("token_embedding.weight", "embeddings.word_embeddings.weight"),
            copy("encoder.positions.weight", "embeddings.position_embeddings.weight")]
     if cfg.type_vocab_size:
         out.append(copy("encoder.types.weight", "embeddings.token_type_embeddings.weight"))
@@ -171,20 +177,12 @@ def ignored(cfg: ModelConfig) -> list[str]:
 def mismatch(cfg: ModelConfig) -> str | None:
     """Why `cfg` cannot be written as BERT, or None when it can."""
     return first_mismatch("BERT", "an encoder", [
-        (cfg.family == "encoder", f"family {cfg.family}", "an encoder"),
-        (cfg.position == "learned", f"{cfg.position} positions", "learned positions"),
-        (cfg.position_offset == 0, f"position_offset={cfg.position_offset}", "offset 0"),
-        (cfg.norm == "layernorm", cfg.norm, "layernorm"),
-        (cfg.norm_placement == "post", "pre-LN", "post-LN"),
-        (not cfg.final_norm, "a final norm", "no final norm"),
+        family_is(cfg, "encoder"),
+        *positions_are(cfg, "learned"),
+        *layout_is(cfg, "layernorm", "post"),
         (cfg.embedding_norm, "no embedding norm", "a norm after the embeddings"),
-        (cfg.activation in ACTIVATIONS_TO_HF, f"activation {cfg.activation}",
-         "a non-gated activation"),
-        (cfg.bias, "bias=False", "biases"),
-        (cfg.n_kv_heads == cfg.n_heads, "grouped-query attention", "as many kv heads as heads"),
-        (cfg.n_heads * cfg.head_dim == cfg.d_model, f"head_dim={cfg.head_dim}",
-         "head_dim = d_model / n_heads"),
-        (not cfg.scale_embeddings, "scale_embeddings", "unscaled embeddings"),
+        *plain_layers(cfg),
+        *without(cfg, "scale_embeddings"),
         (cfg.type_vocab_size > 0, "no token types", "token-type embeddings"),
         (cfg.mlm_transform or not cfg.lm_head_bias, "an output bias without the MLM transform",
          "the MLM transform under an output bias"),
@@ -230,3 +228,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         out["id2label"] = {str(i): name for i, name in enumerate(cfg.labels)}
         out["label2id"] = {name: i for i, name in enumerate(cfg.labels)}
     return out
+
+
+ARCHITECTURE = Architecture(MODEL_TYPE, PREFIX, config_from_hf, config_to_hf, rules, ignored,
+                            mismatch, prepare=prepare, finish_hf=finish_hf,
+                            base_architecture=BASE_ARCHITECTURE)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..config import ModelConfig
 from ..errors import CheckpointError, UnsupportedModelError
 
 WEIGHTS = "model.safetensors"
@@ -114,6 +115,38 @@ def fused(qkv: str, hf: list[str], sizes: list[int], bias: bool = True) -> list[
     if bias:
         rules.append(Rule(f"{qkv}.bias", tuple(f"{h}.bias" for h in hf), "concat", tuple(sizes)))
     return rules
+
+
+Tensors = dict[str, torch.Tensor]
+
+
+def _unchanged(tensors: Tensors, _: Any) -> Tensors:
+    return tensors
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What qkv knows of one Hugging Face architecture; each module (gpt2, bert, ...) makes one.
+
+    model_type: config.json's model_type. prefix: the base model's name prefix in a checkpoint
+    with a head (``transformer.``, ``bert.``, ``model.``). config_from_hf(config.json, tensor
+    shapes) and config_to_hf translate the config; rules(cfg) lists where every qkv tensor lives;
+    ignored(cfg) the Hugging Face tensors that hold nothing to load (regular expressions);
+    mismatch(cfg) says why a config cannot be written, or None. prepare(tensors, config.json)
+    accepts other spellings on load; finish_hf(tensors, cfg) adds duplicated tensors on save.
+    base_architecture: the head-less class, whose tensors are written without the prefix.
+    """
+
+    model_type: str
+    prefix: str
+    config_from_hf: Callable[[dict[str, Any], dict[str, list[int]]], ModelConfig]
+    config_to_hf: Callable[[ModelConfig], dict[str, Any]]
+    rules: Callable[[ModelConfig], list[Rule]]
+    ignored: Callable[[ModelConfig], list[str]]
+    mismatch: Callable[[ModelConfig], str | None]
+    prepare: Callable[[Tensors, dict[str, Any]], Tensors] = _unchanged
+    finish_hf: Callable[[Tensors, ModelConfig], Tensors] = _unchanged
+    base_architecture: str | None = None
 
 
 def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -277,10 +310,214 @@ def unsupported(model_type: str, feature: str) -> UnsupportedModelError:
                                  "implement")
 
 
-def first_mismatch(arch: str, base: str, checks: list[tuple[bool, str, str]]) -> str | None:
-    """The sentence for the first failed (ok, what the config has, what `arch` needs) check."""
+# ---------------------------------------------------------------------------- what fits
+
+
+#: One condition for writing a config as an architecture: (ok, what the config has, what the
+#: architecture needs). A list of them is read by `first_mismatch`.
+Check = tuple[bool, str, str]
+
+_ARTICLES = {"encoder": "an encoder", "decoder": "a decoder",
+             "encoder-decoder": "an encoder-decoder"}
+
+
+def first_mismatch(arch: str, base: str, checks: list[Check]) -> str | None:
+    """The sentence for the first failed check."""
     for ok, what, need in checks:
         if not ok:
             return (f"{base} with {what} fits no Hugging Face architecture qkv can write "
                     f"({arch} needs {need})")
     return None
+
+
+def family_is(cfg: ModelConfig, family: str) -> Check:
+    return cfg.family == family, f"family {cfg.family}", _ARTICLES[family]
+
+
+def positions_are(cfg: ModelConfig, kind: str, offset: int = 0) -> list[Check]:
+    """The position scheme; learned tables also start at `offset`."""
+    checks = [(cfg.position == kind, f"{cfg.position} positions", f"{kind} positions")]
+    if kind == "learned":
+        checks.append((cfg.position_offset == offset, f"position_offset={cfg.position_offset}",
+                       f"position_offset={offset}"))
+    return checks
+
+
+def layout_is(cfg: ModelConfig, norm: str, placement: str) -> list[Check]:
+    """The norm, where it sits, and the final norm that goes with it (pre-LN has one)."""
+    pre = placement == "pre"
+    return [
+        (cfg.norm == norm, cfg.norm, norm),
+        (cfg.norm_placement == placement, "post-LN" if pre else "pre-LN", f"{placement}-LN"),
+        (cfg.final_norm == pre, "no final norm" if pre else "a final norm",
+         "a final norm" if pre else "no final norm"),
+    ]
+
+
+def plain_layers(cfg: ModelConfig) -> list[Check]:
+    """GPT-2, BERT and the fairseq family: a non-gated activation, biases, and one key/value
+    head per query head, the heads splitting d_model."""
+    return [
+        (cfg.activation in ACTIVATIONS_TO_HF, f"activation {cfg.activation}",
+         "a non-gated activation"),
+        (cfg.bias, "bias=False", "biases"),
+        (cfg.n_kv_heads == cfg.n_heads, "grouped-query attention", "as many kv heads as heads"),
+        (cfg.n_heads * cfg.head_dim == cfg.d_model, f"head_dim={cfg.head_dim}",
+         "head_dim = d_model / n_heads"),
+    ]
+
+
+_FEATURES: dict[str, tuple[Callable[[ModelConfig], bool], str, str]] = {
+    "scale_embeddings": (lambda c: c.scale_embeddings, "scale_embeddings", "unscaled embeddings"),
+    "embedding_norm": (lambda c: c.embedding_norm, "embedding_norm", "no embedding norm"),
+    "token_types": (lambda c: c.type_vocab_size > 0, "token types", "no token types"),
+    "lm_head_bias": (lambda c: c.lm_head_bias, "an output bias", "no output bias"),
+    "encoder_heads": (lambda c: c.mlm_transform or c.pooler or bool(c.labels), "an encoder head",
+                      "only the LM head"),
+}
+
+
+def without(cfg: ModelConfig, *features: str) -> list[Check]:
+    """Checks that `cfg` has none of `features` (scale_embeddings, embedding_norm, token_types,
+    lm_head_bias, encoder_heads)."""
+    return [(not has(cfg), what, need) for has, what, need in (_FEATURES[f] for f in features)]
+
+
+# ---------------------------------------------------------------------------- the fairseq family
+# Marian and BART (their Hugging Face code comes from fairseq) share names, sizes and layout.
+
+
+def seq2seq_prepare(tensors: Tensors, hf: dict[str, Any]) -> Tensors:
+    """Find the one token embedding of the encoder, the decoder and the output layer.
+
+    transformers 4 always shares ``shared`` with ``encoder.embed_tokens`` and
+    ``decoder.embed_tokens``; transformers 5 unties all of them when tie_word_embeddings is
+    false, and then the stacks read their own copies. qkv has one token table, so the copies in
+    use must be equal.
+    """
+    tensors = dict(tensors)
+    copies = [tensors[k] for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+              if k in tensors]
+    if len(copies) == 2 and not torch.equal(copies[0], copies[1]):
+        raise unsupported(hf.get("model_type", "seq2seq"), "different token embeddings in the "
+                          "encoder and the decoder (qkv shares one table)")
+    untied = get(hf, "tie_word_embeddings", True) is False
+    if copies and (untied or "shared.weight" not in tensors):
+        tensors["shared.weight"] = copies[0]
+    return tensors
+
+
+def seq2seq_finish_hf(tensors: Tensors, cfg: ModelConfig) -> Tensors:
+    """On save: an untied model also gets the stacks' own embedding copies (transformers 5
+    reads them instead of ``shared`` when tie_word_embeddings is false)."""
+    if not cfg.tie_embeddings:
+        for stack in ("encoder", "decoder"):
+            tensors[f"{stack}.embed_tokens.weight"] = tensors["shared.weight"].clone()
+    return tensors
+
+
+def seq2seq_sizes(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """The sizes BART-family configs give per stack, checked to be equal where qkv shares them."""
+    for enc, dec, what in (("encoder_attention_heads", "decoder_attention_heads", "head counts"),
+                           ("encoder_ffn_dim", "decoder_ffn_dim", "feed-forward widths")):
+        if get(hf, enc) != get(hf, dec):
+            raise unsupported(model_type, f"different encoder and decoder {what} ({enc}="
+                              f"{get(hf, enc)}, {dec}={get(hf, dec)})")
+    vocab = int(get(hf, "vocab_size", 58101))
+    decoder_vocab = get(hf, "decoder_vocab_size", vocab)
+    if decoder_vocab != vocab or hf.get("share_encoder_decoder_embeddings") is False:
+        raise unsupported(model_type, "separate source and target vocabularies "
+                          "(share_encoder_decoder_embeddings=false)")
+    enc_layers = int(get(hf, "encoder_layers", 6))
+    return dict(
+        vocab_size=vocab,
+        d_model=int(get(hf, "d_model", 512)),
+        n_layers=enc_layers,
+        n_encoder_layers=enc_layers,
+        n_decoder_layers=int(get(hf, "decoder_layers", 6)),
+        n_heads=int(get(hf, "encoder_attention_heads", 8)),
+        d_ff=int(get(hf, "encoder_ffn_dim", 2048)),
+        max_seq_len=int(get(hf, "max_position_embeddings", 512)),
+        dropout=float(get(hf, "dropout", 0.0)),
+        attention_dropout=float(get(hf, "attention_dropout", 0.0)),
+        pad_token_id=token_id(hf, "pad_token_id", vocab),
+        bos_token_id=token_id(hf, "bos_token_id", vocab),
+        eos_token_id=token_id(hf, "eos_token_id", vocab),
+        decoder_start_token_id=token_id(hf, "decoder_start_token_id", vocab),
+    )
+
+
+def seq2seq_rules(cfg: ModelConfig, learned_positions: bool = False) -> list[Rule]:
+    """The tensors of a BART-family encoder-decoder (Marian, BART), stack by stack."""
+    d = cfg.n_heads * cfg.head_dim
+    out = [copy("token_embedding.weight", "shared.weight")]
+    for stack, n in (("encoder", cfg.n_encoder_layers), ("decoder", cfg.n_decoder_layers)):
+        if learned_positions:  # BART: learned tables and a LayerNorm after the embeddings
+            out.append(copy(f"{stack}.positions.weight", f"{stack}.embed_positions.weight"))
+            out += norm(f"{stack}.embed_norm", f"{stack}.layernorm_embedding")
+        for i in range(n):
+            h = q = f"{stack}.layers.{i}"
+            attn = "attn" if stack == "encoder" else "self_attn"
+            out += fused(f"{q}.{attn}.qkv", [f"{h}.self_attn.{p}_proj" for p in "qkv"],
+                         [d, d, d])
+            out += linear(f"{q}.{attn}.out", f"{h}.self_attn.out_proj")
+            out += norm(f"{q}.{attn}_norm", f"{h}.self_attn_layer_norm")
+            if stack == "decoder":
+                out += linear(f"{q}.cross_attn.q", f"{h}.encoder_attn.q_proj")
+                out += fused(f"{q}.cross_attn.kv", [f"{h}.encoder_attn.{p}_proj" for p in "kv"],
+                             [d, d])
+                out += linear(f"{q}.cross_attn.out", f"{h}.encoder_attn.out_proj")
+                out += norm(f"{q}.cross_attn_norm", f"{h}.encoder_attn_layer_norm")
+            out += linear(f"{q}.ffn.up", f"{h}.fc1")
+            out += linear(f"{q}.ffn.down", f"{h}.fc2")
+            out += norm(f"{q}.ffn_norm", f"{h}.final_layer_norm")
+    if cfg.lm_head_bias:
+        out.append(Rule("lm_head.bias", ("final_logits_bias",), "row", head=True))
+    if not cfg.tie_embeddings:
+        out.append(copy("lm_head.weight", "lm_head.weight", head=True))
+    return out
+
+
+def seq2seq_ignored(cfg: ModelConfig) -> list[str]:
+    """Copies of the shared embedding (and of the output layer when tied)."""
+    out = [r"(encoder|decoder)\.embed_tokens\.weight"]
+    if cfg.tie_embeddings:
+        out.append(r"lm_head\.weight")
+    return out
+
+
+def seq2seq_checks(cfg: ModelConfig) -> list[Check]:
+    """What Marian and BART both need."""
+    return [
+        family_is(cfg, "encoder-decoder"),
+        *layout_is(cfg, "layernorm", "post"),
+        (cfg.norm_eps == 1e-5, f"norm_eps={cfg.norm_eps}", "norm_eps=1e-5"),
+        *plain_layers(cfg),
+        *without(cfg, "token_types", "encoder_heads"),
+    ]
+
+
+def seq2seq_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json fields Marian and BART share."""
+    return {
+        "vocab_size": cfg.vocab_size,
+        "d_model": cfg.d_model,
+        "encoder_layers": cfg.n_encoder_layers,
+        "decoder_layers": cfg.n_decoder_layers,
+        "encoder_attention_heads": cfg.n_heads,
+        "decoder_attention_heads": cfg.n_heads,
+        "encoder_ffn_dim": cfg.d_ff,
+        "decoder_ffn_dim": cfg.d_ff,
+        "max_position_embeddings": cfg.max_seq_len,
+        "dropout": cfg.dropout,
+        "attention_dropout": cfg.attention_dropout,
+        "activation_dropout": 0.0,
+        "scale_embedding": cfg.scale_embeddings,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "is_encoder_decoder": True,
+        "pad_token_id": cfg.pad_token_id,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "decoder_start_token_id": cfg.decoder_start_token_id,
+        "use_cache": True,
+    }

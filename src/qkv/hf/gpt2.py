@@ -6,7 +6,7 @@ Its one oddity is ``Conv1D``: a linear layer whose weight is stored (in, out), t
 [q | k | v], so after a transpose it is exactly qkv's ``qkv`` weight.
 
     Hugging Face (GPT2Model; GPT2LMHeadModel adds "transformer.")   qkv (L = decoder.layers.{i})
-    wte                                                             tokens
+    wte                                                             token_embedding
     wpe                                                             decoder.positions
     h.{i}.ln_1                                                      L.self_attn_norm
     h.{i}.attn.c_attn  (d, 3d) transposed                           L.self_attn.qkv  (3d, d)
@@ -24,14 +24,20 @@ from typing import Any
 from ..config import ModelConfig
 from .common import (
     ACTIVATIONS_TO_HF,
+    Architecture,
     Rule,
     activation_from_hf,
     copy,
+    family_is,
     first_mismatch,
     get,
+    layout_is,
     norm,
+    plain_layers,
+    positions_are,
     token_id,
     unsupported,
+    without,
 )
 
 MODEL_TYPE = "gpt2"
@@ -86,7 +92,8 @@ def _conv1d(qkv: str, hf: str) -> list[Rule]:
 
 def rules(cfg: ModelConfig) -> list[Rule]:
     """Every qkv tensor of a GPT-2 shaped model and where it lives in a GPT-2 checkpoint."""
-    out = [copy("tokens.weight", "wte.weight"), copy("decoder.positions.weight", "wpe.weight")]
+    out = [copy("token_embedding.weight", "wte.weight"),
+           copy("decoder.positions.weight", "wpe.weight")]
     for i in range(cfg.n_decoder_layers):
         h, q = f"h.{i}", f"decoder.layers.{i}"
         out += norm(f"{q}.self_attn_norm", f"{h}.ln_1")
@@ -113,24 +120,12 @@ def ignored(cfg: ModelConfig) -> list[str]:
 def mismatch(cfg: ModelConfig) -> str | None:
     """Why `cfg` cannot be written as GPT-2, or None when it can."""
     return first_mismatch("GPT-2", "a decoder", [
-        (cfg.family == "decoder", f"family {cfg.family}", "a decoder"),
-        (cfg.position == "learned", f"{cfg.position} positions", "learned positions"),
-        (cfg.position_offset == 0, f"position_offset={cfg.position_offset}", "offset 0"),
-        (cfg.norm == "layernorm", cfg.norm, "layernorm"),
-        (cfg.norm_placement == "pre", "post-LN", "pre-LN"),
-        (cfg.final_norm, "no final norm", "a final norm"),
-        (cfg.activation in ACTIVATIONS_TO_HF, f"activation {cfg.activation}",
-         "a non-gated activation"),
-        (cfg.bias, "bias=False", "biases"),
-        (cfg.n_kv_heads == cfg.n_heads, "grouped-query attention", "as many kv heads as heads"),
-        (cfg.n_heads * cfg.head_dim == cfg.d_model, f"head_dim={cfg.head_dim}",
-         "head_dim = d_model / n_heads"),
-        (not cfg.scale_embeddings, "scale_embeddings", "unscaled embeddings"),
-        (not cfg.embedding_norm, "embedding_norm", "no embedding norm"),
-        (cfg.type_vocab_size == 0, "token types", "no token types"),
-        (not cfg.lm_head_bias, "an output bias", "no output bias"),
-        (not (cfg.mlm_transform or cfg.pooler or cfg.labels), "an encoder head",
-         "only the LM head"),
+        family_is(cfg, "decoder"),
+        *positions_are(cfg, "learned"),
+        *layout_is(cfg, "layernorm", "pre"),
+        *plain_layers(cfg),
+        *without(cfg, "scale_embeddings", "embedding_norm", "token_types", "lm_head_bias",
+                 "encoder_heads"),
     ])
 
 
@@ -159,3 +154,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "pad_token_id": cfg.pad_token_id,
         "use_cache": True,
     }
+
+
+ARCHITECTURE = Architecture(MODEL_TYPE, PREFIX, config_from_hf, config_to_hf, rules, ignored,
+                            mismatch)

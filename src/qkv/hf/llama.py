@@ -6,7 +6,7 @@ grouped-query attention (fewer key/value heads than query heads). The q, k and v
 stacked into qkv's fused ``qkv`` weight; with GQA the k and v parts have fewer rows than q.
 
     Hugging Face (LlamaModel; LlamaForCausalLM adds "model.")   qkv (L = decoder.layers.{i})
-    embed_tokens                                                tokens
+    embed_tokens                                                token_embedding
     layers.{i}.input_layernorm                                  L.self_attn_norm
     layers.{i}.self_attn.{q,k,v}_proj  stacked                  L.self_attn.qkv
     layers.{i}.self_attn.o_proj                                 L.self_attn.out
@@ -21,7 +21,22 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
-from .common import Rule, copy, first_mismatch, fused, get, linear, norm, token_id, unsupported
+from .common import (
+    Architecture,
+    Rule,
+    copy,
+    family_is,
+    first_mismatch,
+    fused,
+    get,
+    layout_is,
+    linear,
+    norm,
+    positions_are,
+    token_id,
+    unsupported,
+    without,
+)
 
 MODEL_TYPE = "llama"
 PREFIX = "model."
@@ -93,7 +108,7 @@ def config_from_hf(hf: dict[str, Any], shapes: dict[str, list[int]]) -> ModelCon
 def rules(cfg: ModelConfig) -> list[Rule]:
     """Every qkv tensor of a Llama-shaped model and where it lives in a Llama checkpoint."""
     q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    out = [copy("tokens.weight", "embed_tokens.weight")]
+    out = [copy("token_embedding.weight", "embed_tokens.weight")]
     for i in range(cfg.n_decoder_layers):
         h, q = f"layers.{i}", f"decoder.layers.{i}"
         out += norm(f"{q}.self_attn_norm", f"{h}.input_layernorm", bias=False)
@@ -120,18 +135,12 @@ def ignored(cfg: ModelConfig) -> list[str]:
 def mismatch(cfg: ModelConfig) -> str | None:
     """Why `cfg` cannot be written as Llama, or None when it can."""
     return first_mismatch("Llama", "rope positions", [
-        (cfg.family == "decoder", f"family {cfg.family}", "a decoder"),
-        (cfg.position == "rope", f"{cfg.position} positions", "rope positions"),
-        (cfg.norm == "rmsnorm", cfg.norm, "rmsnorm"),
-        (cfg.norm_placement == "pre", "post-LN", "pre-LN"),
-        (cfg.final_norm, "no final norm", "a final norm"),
+        family_is(cfg, "decoder"),
+        *positions_are(cfg, "rope"),
+        *layout_is(cfg, "rmsnorm", "pre"),
         (cfg.activation in GATES_TO_HF, f"activation {cfg.activation}", "swiglu or geglu"),
-        (not cfg.scale_embeddings, "scale_embeddings", "unscaled embeddings"),
-        (not cfg.embedding_norm, "embedding_norm", "no embedding norm"),
-        (cfg.type_vocab_size == 0, "token types", "no token types"),
-        (not cfg.lm_head_bias, "an output bias", "no output bias"),
-        (not (cfg.mlm_transform or cfg.pooler or cfg.labels), "an encoder head",
-         "only the LM head"),
+        *without(cfg, "scale_embeddings", "embedding_norm", "token_types", "lm_head_bias",
+                 "encoder_heads"),
     ])
 
 
@@ -161,3 +170,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "pad_token_id": cfg.pad_token_id,
         "use_cache": True,
     }
+
+
+ARCHITECTURE = Architecture(MODEL_TYPE, PREFIX, config_from_hf, config_to_hf, rules, ignored,
+                            mismatch)

@@ -4,7 +4,7 @@ A sentence-transformers model is a Hugging Face model plus a small pipeline desc
 ``modules.json``: the Transformer, then a Pooling module (mean, cls, max or last token, set in
 ``1_Pooling/config.json``), then optionally Normalize (unit length, so that a dot product is the
 cosine similarity). qkv keeps the two choices in its config: ``pooling`` and
-``normalize_embeddings``, and :meth:`Transformer.embed` applies them.
+``normalize_embeddings``, and :meth:`Transformer.sentence_embedding` applies them.
 """
 
 from __future__ import annotations
