@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import qkv  # noqa: E402
 from qkv.data import BUNDLED, eval_batches, split  # noqa: E402
 from qkv.generate import decode_tokens  # noqa: E402
-from qkv.quantize import Int8Linear, quantize_int8  # noqa: E402
+from qkv.quantize import Int8Linear, quantize_int8, use_matrix_vector  # noqa: E402
 from qkv.train import evaluate  # noqa: E402
 from qkv.train.hardware import set_threads  # noqa: E402
 
@@ -65,7 +65,9 @@ def convert(model: qkv.Transformer, fmt: str) -> qkv.Transformer:
         return quantize_int8(model)  # int8 weights, inputs rounded to int8 on the fly (FBGEMM)
     if fmt == "int8-weight-only":
         return quantize_int8(model.to(torch.bfloat16), activations="float")
-    return model.to(torch.bfloat16) if fmt == "bf16" else model
+    if fmt == "bf16":  # with the opt-in matrix-vector fast path of `qkv generate --dtype bf16`
+        return use_matrix_vector(model.to(torch.bfloat16))
+    return model
 
 
 def main() -> int:

@@ -16,6 +16,7 @@ from qkv.generate import (
     sample_next,
     stream_generate,
 )
+from qkv.quantize import MatrixVectorLinear, use_matrix_vector
 
 TEXT = "the quick brown fox jumps over the lazy dog.\nTHE FIVE BOXING WIZARDS JUMP QUICKLY!\n"
 
@@ -172,15 +173,21 @@ def test_seq2seq_greedy_and_beam_search():
     assert len(beams) == 2 and all(all(2 <= t < 20 or t == 0 for t in b) for b in beams)
 
 
-def test_bf16_decoding_uses_matrix_vector_products_and_restores_the_layers(tokenizer):
+def test_the_bf16_fast_path_multiplies_single_vectors_with_mv_and_decodes_the_same(tokenizer):
     model = make_model(tokenizer).to(torch.bfloat16)
     prompt = tokenizer.encode("the quick")
-    steps = decode_tokens(model, [prompt], 40, temperature=0)
-    first = next(steps)
-    assert all("forward" in m.__dict__ for m in model.modules() if type(m) is torch.nn.Linear)
-    cached = [int(first)] + [int(t) for t in steps]
-    assert not any("forward" in m.__dict__ for m in model.modules())
-    assert cached == naive_greedy(model, prompt, 40)  # full-sequence matmuls, no mv
+    expected = naive_greedy(model, prompt, 40)  # full-sequence matmuls
+    head = model.lm_head.weight
+    assert use_matrix_vector(model) is model
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert layers and all(type(m) is MatrixVectorLinear for m in layers)
+    assert model.lm_head.weight is head  # the same parameters, not copies
+    layer, x = layers[0], torch.randn(1, 1, layers[0].in_features, dtype=torch.bfloat16)
+    assert torch.equal(layer(x)[0, 0], torch.mv(layer.weight, x[0, 0]) + layer.bias)
+    batch = torch.randn(3, 2, layer.in_features, dtype=torch.bfloat16)
+    assert torch.equal(layer(batch), torch.nn.functional.linear(batch, layer.weight, layer.bias))
+    cached = [int(t) for t in decode_tokens(model, [prompt], 40, temperature=0)]
+    assert cached == expected
 
 
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0])

@@ -24,19 +24,23 @@ The context limit (max_seq_len): a prompt longer than the context is an error un
 truncate_left=True keeps its end. When generation fills the context, on_full="slide" (default)
 keeps going: the oldest quarter of the window is dropped and the cache is rebuilt from the newest
 three quarters; on_full="stop" ends generation there instead.
+
+Encoder-decoder models are decoded by `qkv.seq2seq.generate_seq2seq` (greedy or beam search).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .errors import InputError
+from .model import Transformer
+from .seq2seq import generate_seq2seq
+from .tokenizer import Tokenizer
+
+__all__ = ["decode_tokens", "filter_logits", "generate", "generate_seq2seq", "sample_next",
+           "stream_generate"]
 
 Stream = Callable[..., None]
 
@@ -83,64 +87,18 @@ def _pad_left(rows: list[list[int]], device: torch.device):
     return ids, mask, positions
 
 
-def _vector_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`, as a matrix-vector product when x is a single bf16 vector on the CPU."""
-    if x.numel() == x.shape[-1] and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        y = torch.mv(layer.weight, x.reshape(-1))  # (out_features,)
-        if layer.bias is not None:
-            y = y + layer.bias
-        return y.view(*x.shape[:-1], -1)
-    return F.linear(x, layer.weight, layer.bias)
-
-
-@contextlib.contextmanager
-def _vector_linears(model: nn.Module) -> Iterator[None]:
-    """While decoding one token of one sequence, run the linear layers of a bf16 CPU model as
-    matrix-vector products (`torch.mv`).
-
-    Each new token multiplies every weight matrix by a single vector, so the time goes into
-    streaming the weights through the CPU. For bf16 weights PyTorch's `mv` kernel does that
-    about 1.5x faster than the general matrix-multiply path `nn.Linear` takes (measured with
-    torch 2.x on a Sapphire Rapids CPU); the products are the same, summed in fp32 by both.
-    Only this model's layers change, and only inside the block.
-    """
-    if model.tokens.weight.dtype != torch.bfloat16 or model.tokens.weight.device.type != "cpu":
-        yield
-        return
-    layers = [m for m in model.modules() if type(m) is nn.Linear]
-    for layer in layers:
-        layer.forward = functools.partial(_vector_linear, layer)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)  # back to nn.Linear.forward
-
-
-def _last_logits(model, ids, mask, positions, cache) -> torch.Tensor:
-    """Run the decoder on new tokens and return the logits of the last one only: (B, V)."""
-    h = model.decoder(model.tokens(ids), mask, positions, cache=cache)  # (B, T, d_model)
-    return model.logits(h[:, -1]).float()  # the output layer on one position, not T
-
-
 @torch.inference_mode()
-def decode_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def decode_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                   temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, generator: torch.Generator | None = None,
                   on_full: str = "slide") -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, (B,), step after step, with a KV cache.
 
     Each prompt must fit the context (see `generate` for truncation). The caller may stop early
-    (stop strings, end-of-text) simply by not asking for more.
+    (stop strings, end-of-text) simply by not asking for more. (For bf16 weights on a CPU,
+    `qkv.quantize.use_matrix_vector(model)` first makes each step faster.)
     """
-    with _vector_linears(model):
-        yield from _decode(model, [list(p) for p in prompts], max_new_tokens, temperature, top_k,
-                           top_p, generator, on_full)
-
-
-def _decode(model, rows: list[list[int]], max_new_tokens: int, temperature: float,
-            top_k: int | None, top_p: float | None, generator: torch.Generator | None,
-            on_full: str) -> Iterator[torch.Tensor]:
+    rows = [list(p) for p in prompts]
     context = model.config.max_seq_len
     device = next(model.parameters()).device
     produced, keep = 0, context
@@ -148,7 +106,7 @@ def _decode(model, rows: list[list[int]], max_new_tokens: int, temperature: floa
         # (Re)fill the cache with the last `keep` tokens of every row.
         cache = model.new_cache()
         ids, mask, positions = _pad_left([r[-keep:] for r in rows], device)
-        logits = _last_logits(model, ids, mask, positions, cache)  # (B, V)
+        logits = model.next_token_logits(ids, cache, mask, positions)  # (B, V)
         length = ids.shape[1]  # positions held in the cache
         while True:
             token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -166,7 +124,7 @@ def _decode(model, rows: list[list[int]], max_new_tokens: int, temperature: floa
             if mask is not None:  # the mask covers past + new tokens
                 mask = torch.cat((mask, mask.new_ones(mask.shape[0], 1)), dim=1)
                 positions = positions[:, -1:] + 1  # (B, 1)
-            logits = _last_logits(model, token[:, None], mask, positions, cache)
+            logits = model.next_token_logits(token[:, None], cache, mask, positions)
             length += 1
 
 
@@ -179,7 +137,7 @@ class _TextRow:
     back until the next tokens show what it is, so a stream never shows a stop string.
     """
 
-    def __init__(self, tokenizer, stops: list[str], eos_id: int | None):
+    def __init__(self, tokenizer: Tokenizer, stops: list[str], eos_id: int | None):
         self.tokenizer, self.stops, self.eos_id = tokenizer, stops, eos_id
         self.ids: list[int] = []
         self.emitted = 0  # characters released so far
@@ -217,8 +175,9 @@ class _TextRow:
         return piece
 
 
-def _check(model, temperature, top_k, top_p, max_new_tokens, on_full) -> None:
-    if getattr(model, "decoder", None) is None or model.config.family != "decoder":
+def _check(model: Transformer, temperature: float, top_k: int | None, top_p: float | None,
+           max_new_tokens: int, on_full: str) -> None:
+    if model.config.family != "decoder":
         raise InputError("generate needs a decoder (GPT-style) model; for an encoder-decoder "
                          "use generate_seq2seq")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -233,7 +192,7 @@ def _check(model, temperature, top_k, top_p, max_new_tokens, on_full) -> None:
         raise InputError(f"on_full={on_full!r} must be 'slide' or 'stop'")
 
 
-def _prompt_ids(tokenizer, prompt: str, context: int, truncate_left: bool) -> list[int]:
+def _prompt_ids(tokenizer: Tokenizer, prompt: str, context: int, truncate_left: bool) -> list[int]:
     if not isinstance(prompt, str):
         raise InputError(f"a prompt must be a str, got {type(prompt).__name__}")
     ids = tokenizer.encode(prompt, add_special_tokens=False)
@@ -251,8 +210,8 @@ def _prompt_ids(tokenizer, prompt: str, context: int, truncate_left: bool) -> li
     return ids
 
 
-def stream_generate(model, tokenizer, prompt: str | Sequence[str], max_new_tokens: int = 100,
-                    temperature: float = 1.0, top_k: int | None = None,
+def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[str],
+                    max_new_tokens: int = 100, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, stop: str | Sequence[str] | None = None,
                     seed: int | None = None, truncate_left: bool = False,
                     on_full: str = "slide") -> Iterator[tuple[int, str]]:
@@ -287,10 +246,10 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[str], max_new_token
         model.train(was_training)
 
 
-def generate(model, tokenizer, prompt: str | Sequence[str], max_new_tokens: int = 100,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             stop: str | Sequence[str] | None = None, seed: int | None = None,
-             stream: Stream | None = None, truncate_left: bool = False,
+def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[str],
+             max_new_tokens: int = 100, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, stop: str | Sequence[str] | None = None,
+             seed: int | None = None, stream: Stream | None = None, truncate_left: bool = False,
              on_full: str = "slide") -> str | list[str]:
     """Continue `prompt` (a str, or a list of str generated as one batch) and return the new text.
 
@@ -313,103 +272,3 @@ def generate(model, tokenizer, prompt: str | Sequence[str], max_new_tokens: int 
         if stream is not None:
             stream(piece) if single else stream(i, piece)
     return texts[0] if single else texts
-
-
-# ---------------------------------------------------------------------- encoder-decoder
-
-@torch.inference_mode()
-def generate_seq2seq(model, src_ids: torch.Tensor, src_mask: torch.Tensor | None = None,
-                     max_new_tokens: int = 64, beam_size: int = 1, length_penalty: float = 1.0,
-                     start_id: int | None = None, eos_id: int | None = None) -> list[list[int]]:
-    """Translate-style decoding of an encoder-decoder: greedy (beam_size=1) or beam search.
-
-    src_ids (B, S) and src_mask (B, S) are the source; the target starts with `start_id`
-    (default: config.decoder_start_token_id, else bos) and ends at `eos_id`. Returns one list of
-    target ids per source row, without the start token and the end token.
-
-    Beam search keeps the `beam_size` best partial translations of each source, scored by the
-    sum of their token log-probabilities; finished ones are compared after dividing that sum by
-    length ** length_penalty, so that long translations are not unfairly penalised.
-    """
-    cfg = model.config
-    if cfg.family != "encoder-decoder":
-        raise InputError("generate_seq2seq needs an encoder-decoder model")
-    start_id = start_id if start_id is not None else (
-        cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None
-        else cfg.bos_token_id)
-    eos_id = eos_id if eos_id is not None else cfg.eos_token_id
-    if start_id is None:
-        raise InputError("the model config has no decoder_start_token_id or bos_token_id; "
-                         "pass start_id")
-    if beam_size < 1:
-        raise InputError(f"beam_size={beam_size} must be at least 1")
-    was_training = model.training
-    model.eval()
-    try:
-        B, K = src_ids.shape[0], beam_size
-        device = src_ids.device
-        memory = model.encode(src_ids, src_mask)  # (B, S, d)
-        # Every source row is repeated K times: row b * K + k is beam k of source b.
-        memory = memory.repeat_interleave(K, dim=0)
-        mask = None if src_mask is None else src_mask.repeat_interleave(K, dim=0)
-        cache = model.new_cache()
-        tokens = torch.full((B * K, 1), start_id, dtype=torch.long, device=device)
-        scores = torch.zeros(B, K, device=device)
-        scores[:, 1:] = float("-inf")  # at the start all beams are the same: keep one
-        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
-        alive = torch.ones(B * K, dtype=torch.bool, device=device)
-        history = [[] for _ in range(B * K)]
-        source_done = [False] * B  # K translations of this source have ended
-        step_input = tokens
-        for _ in range(max_new_tokens):
-            logits = model.decode(step_input, memory, mask, cache=cache)[:, -1].float()
-            logp = logits.log_softmax(dim=-1)  # (B*K, V)
-            V = logp.shape[-1]
-            logp[~alive] = float("-inf")
-            total = (scores.view(-1, 1) + logp).view(B, K * V)  # every (beam, token) pair
-            best, index = total.topk(2 * K, dim=-1)  # spares in case some beams end here
-            beam, token = index // V, index % V  # (B, 2K)
-            new_scores = torch.full((B, K), float("-inf"), device=device)
-            new_rows, new_tokens, new_history = [], [], []
-            for b in range(B):
-                kept = 0
-                for j in range(2 * K):
-                    if source_done[b] or kept == K or best[b, j] == float("-inf"):
-                        break
-                    src_row = b * K + int(beam[b, j])
-                    t = int(token[b, j])
-                    if eos_id is not None and t == eos_id:
-                        seq = history[src_row]
-                        norm = float(best[b, j]) / max(1, len(seq) + 1) ** length_penalty
-                        finished[b].append((norm, seq))
-                        continue
-                    new_scores[b, kept] = best[b, j]
-                    new_rows.append(src_row)
-                    new_tokens.append(t)
-                    new_history.append(history[src_row] + [t])
-                    kept += 1
-                for _ in range(kept, K):  # fewer than K continue: pad with dead beams
-                    new_rows.append(b * K)
-                    new_tokens.append(start_id)
-                    new_history.append([])
-            source_done = [len(finished[b]) >= K for b in range(B)]
-            done = all(source_done)
-            scores = new_scores
-            alive = scores.view(-1) > float("-inf")
-            history = new_history
-            if done or not alive.any():
-                break
-            cache.reorder(torch.tensor(new_rows, device=device))
-            step_input = torch.tensor(new_tokens, device=device)[:, None]
-        results = []
-        for b in range(B):
-            candidates = list(finished[b])
-            for k in range(K):
-                if scores[b, k] > float("-inf"):
-                    seq = history[b * K + k]
-                    norm = float(scores[b, k]) / max(1, len(seq)) ** length_penalty
-                    candidates.append((norm, seq))
-            results.append(max(candidates, key=lambda c: c[0])[1] if candidates else [])
-        return results
-    finally:
-        model.train(was_training)

@@ -27,6 +27,13 @@ Quality is measured, not assumed: benchmarks/bench_decode.py prints the validati
 trained model with fp32, bf16 and int8 weights (see docs/training.md).
 
     model = qkv.quantize_int8(model)   # in place: every nn.Linear, and the output layer
+
+bf16 weights have a fast path of their own for decoding on a CPU, `use_matrix_vector`: each new
+token multiplies every weight matrix by a single vector, and PyTorch's matrix-vector kernel
+(`torch.mv`) streams bf16 weights faster than the general matrix-multiply path `nn.Linear` takes
+(see docs/training.md for the measurement); the products are the same, summed in fp32 by both.
+
+    model = qkv.quantize.use_matrix_vector(model.to(torch.bfloat16))   # opt-in, in place
 """
 
 from __future__ import annotations
@@ -136,9 +143,37 @@ def quantize_int8(model: nn.Module, activations: str = "int8") -> nn.Module:
         model.float()  # FBGEMM takes fp32 inputs; the non-linear parts are tiny
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
+            if isinstance(child, nn.Linear):  # MatrixVectorLinear too
                 setattr(parent, name, Int8Linear.from_linear(child, activations))
     return model.eval()
+
+
+class MatrixVectorLinear(nn.Linear):
+    """An nn.Linear, with the same weight and bias, that multiplies a single bf16 vector on the
+    CPU with `torch.mv`; any other input takes the usual path."""
+
+    def __init__(self, layer: nn.Linear):
+        nn.Module.__init__(self)  # not nn.Linear's: the parameters are the layer's own, shared
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.weight, self.bias = layer.weight, layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1] and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            y = torch.mv(self.weight, x.reshape(-1))  # (out_features,)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_matrix_vector(model: nn.Module) -> nn.Module:
+    """Swap every nn.Linear of `model` for a MatrixVectorLinear, in place: the fast path for
+    decoding one sequence with bf16 weights on a CPU. Weights, ties and results stay the same."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, MatrixVectorLinear(child))
+    return model
 
 
 def is_quantized(model: nn.Module) -> bool:

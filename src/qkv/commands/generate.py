@@ -68,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
         from ..quantize import quantize_int8
 
         quantize_int8(model)
+    elif args.dtype == "bf16" and device.type == "cpu":
+        from ..quantize import use_matrix_vector
+
+        use_matrix_vector(model)  # single-vector products through torch.mv: faster decoding
     if tokenizer is None:
         raise InputError(f"{args.dir} has no tokenizer.json, so its text cannot be encoded")
     prompts = [_unescape(p) for p in (args.prompt or ["\n"])]
