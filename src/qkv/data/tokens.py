@@ -40,7 +40,7 @@ def fit_tokenizer(files: list[Path], kind: str = "char", vocab_size: int | None 
     cached = cache_dir / f"tokenizer-{key}.json" if cache_dir is not None else None
     if cached is not None and cached.is_file():
         return Tokenizer.load(cached)
-    tokenizer = Tokenizer.train([Path(f) for f in files], kind=kind, vocab_size=vocab_size)
+    tokenizer = Tokenizer.train(text_chunks(files), kind=kind, vocab_size=vocab_size)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(cached)

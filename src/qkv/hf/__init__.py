@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +25,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, QkvError, UnsupportedModelError
 from ..io import atomic_write_safetensors, atomic_write_text
 from ..model import Transformer
+from ..tokenizer import Tokenizer
 from . import bart, bert, gpt2, llama, marian
 from .common import (
     WEIGHTS,
@@ -37,14 +37,11 @@ from .common import (
     to_qkv,
 )
 from .sentence import read_sentence_transformers, write_sentence_transformers
-
-if TYPE_CHECKING:
-    from ..tokenizer import Tokenizer
+from .tokenizer import TOKENIZER_FILES, load_tokenizer
 
 ARCHITECTURES: dict[str, Architecture] = {
     m.ARCHITECTURE.model_type: m.ARCHITECTURE for m in (gpt2, bert, llama, marian, bart)
 }
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
 
 __all__ = ["ARCHITECTURES", "Architecture", "architecture_for", "load_hf", "save_hf"]
 
@@ -77,10 +74,8 @@ def _config(arch: Architecture, data: dict, shapes: dict[str, list[int]],
 def _load_tokenizer(path: Path) -> Tokenizer | None:
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None
-    from ..tokenizer import Tokenizer
-
     try:
-        return Tokenizer.load(path)
+        return load_tokenizer(path)
     except QkvError as e:
         raise CheckpointError(f"{path}: the tokenizer cannot be loaded ({e})") from None
 
