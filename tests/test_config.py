@@ -64,15 +64,20 @@ def test_bad_values_name_the_field(changes, message):
     assert message in str(err.value)
 
 
-def test_from_dict_rejects_unknown_fields_and_bad_json(tmp_path):
-    with pytest.raises(ConfigError, match="unknown config field"):
-        ModelConfig.from_dict({"d_model": 64, "hidden_size": 64})
-    bad = tmp_path / "config.json"
-    bad.write_text('{"d_model": 64,')
-    with pytest.raises(ConfigError, match="not valid JSON"):
-        ModelConfig.from_json(bad)
-    with pytest.raises(ConfigError, match="does not exist"):
-        ModelConfig.from_json(tmp_path / "missing.json")
+@pytest.mark.parametrize("source, message", [
+    ({"d_model": 64, "hidden_size": 64}, "unknown config field\\(s\\): hidden_size"),
+    ([64], "must be a JSON object, got list"),
+    ('{"d_model": 64,', "not valid JSON"),
+    ("missing.json", "does not exist"),
+])
+def test_bad_config_sources_name_the_problem(tmp_path, source, message):
+    with pytest.raises(ConfigError, match=message):
+        if isinstance(source, str) and not source.startswith("{"):
+            ModelConfig.from_json(tmp_path / source)
+        elif isinstance(source, str):
+            ModelConfig.from_json(source)
+        else:
+            ModelConfig.from_dict(source)
 
 
 def test_presets():

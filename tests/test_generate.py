@@ -136,14 +136,20 @@ def test_a_full_context_stops_or_slides(tokenizer):
     assert slid[7] == naive_greedy(model, sequence[:17][-12:], 1)[0]
 
 
-def test_generate_checks_its_arguments(tokenizer):
+@pytest.mark.parametrize("options, message", [
+    (dict(temperature=-1), "temperature=-1 must be >= 0"),
+    (dict(top_p=0), "top_p=0 must be in"),
+    (dict(top_k=0), "top_k=0 must be a whole number"),
+    (dict(max_new_tokens=-2), "max_new_tokens=-2 must be"),
+    (dict(on_full="wrap"), "on_full='wrap' must be"),
+])
+def test_generate_checks_its_arguments(tokenizer, options, message):
+    with pytest.raises(InputError, match=message):
+        qkv.generate(make_model(tokenizer), tokenizer, "a", **options)
+
+
+def test_an_empty_prompt_starts_from_the_start_token(tokenizer):
     model = make_model(tokenizer)
-    with pytest.raises(InputError, match="temperature"):
-        qkv.generate(model, tokenizer, "a", temperature=-1)
-    with pytest.raises(InputError, match="top_p"):
-        qkv.generate(model, tokenizer, "a", top_p=0)
-    with pytest.raises(InputError, match="top_k"):
-        qkv.generate(model, tokenizer, "a", top_k=0)
     assert len(qkv.generate(model, tokenizer, "", max_new_tokens=3, temperature=0)) == 3
     assert model.training is False
 

@@ -30,6 +30,10 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 POOLINGS = ("mean", "cls", "last", "max")
 SINUSOIDAL_LAYOUTS = ("interleaved", "halves")
 
+#: The default of a size that follows the other fields (None): ModelConfig works it out when it
+#: is built, so that reading it always gives a number.
+FOLLOWS: Any = None
+
 
 @dataclass
 class ModelConfig:
@@ -84,12 +88,12 @@ class ModelConfig:
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
-    n_kv_heads: int | None = None
-    head_dim: int | None = None
-    d_ff: int | None = None
+    n_kv_heads: int = FOLLOWS
+    head_dim: int = FOLLOWS
+    d_ff: int = FOLLOWS
     max_seq_len: int = 256
-    n_encoder_layers: int | None = None
-    n_decoder_layers: int | None = None
+    n_encoder_layers: int = FOLLOWS
+    n_decoder_layers: int = FOLLOWS
 
     position: str = "learned"
     rope_theta: float = 10000.0
@@ -105,7 +109,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     scale_embeddings: bool = False
     embedding_norm: bool = False
-    final_norm: bool | None = None
+    final_norm: bool = FOLLOWS
     type_vocab_size: int = 0
 
     mlm_transform: bool = False
@@ -122,15 +126,16 @@ class ModelConfig:
     decoder_start_token_id: int | None = None
     mask_token_id: int | None = None
 
+    # Which sizes were left to follow the others (set by __post_init__; see replace()).
+    _defaulted: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
-        for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
+        _check_types(self)
         _check_sizes(self)
         # Sizes left out (None) follow the others. Which ones did is remembered, so that
         # replace(n_heads=8) works them out again instead of keeping the old n_heads' values.
         defaults = _defaults(self)
-        object.__setattr__(self, "_defaulted", frozenset(
-            name for name in defaults if getattr(self, name) is None))
+        self._defaulted = frozenset(name for name in defaults if getattr(self, name) is None)
         for name in self._defaulted:
             setattr(self, name, defaults[name])
         self.validate()
@@ -142,8 +147,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Check every field; raise ConfigError naming the first bad one."""
-        for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
+        _check_types(self)
         _check_sizes(self)
         _one_of("family", self.family, FAMILIES)
         _one_of("position", self.position, POSITIONS)
@@ -196,6 +200,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain data; sizes that follow the others are written as None."""
         data = asdict(self)
+        del data["_defaulted"]
         data.update({name: None for name in self._defaulted})
         return data
 
@@ -203,7 +208,7 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(k for k in data if k not in known and k != "qkv_version")
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
@@ -257,6 +262,10 @@ def _defaults(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+_FOLLOWING = ("n_kv_heads", "head_dim", "d_ff", "n_encoder_layers", "n_decoder_layers",
+              "final_norm")
+
+
 def _check_sizes(cfg: ModelConfig) -> None:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
         if getattr(cfg, name) < 1:
@@ -277,6 +286,13 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 _TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def _check_types(cfg: ModelConfig) -> None:
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.init and not (value is None and f.name in _FOLLOWING):
+            _check_type(f.name, value, f.type)
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> None:

@@ -121,7 +121,7 @@ def decode_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
                     return
                 keep = max(1, context - context // 4)  # slide: drop the oldest quarter
                 break
-            if mask is not None:  # the mask covers past + new tokens
+            if mask is not None and positions is not None:  # the mask covers past + new
                 mask = torch.cat((mask, mask.new_ones(mask.shape[0], 1)), dim=1)
                 positions = positions[:, -1:] + 1  # (B, 1)
             logits = model.next_token_logits(token[:, None], cache, mask, positions)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -45,19 +46,19 @@ def _norm(cfg: ModelConfig) -> nn.Module:
     return make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, bias=cfg.bias)
 
 
-def _attention(cfg: ModelConfig, kind: type[SelfAttention] | type[CrossAttention]) -> nn.Module:
+_Attention = TypeVar("_Attention", SelfAttention, CrossAttention)
+
+
+def _attention(cfg: ModelConfig, kind: type[_Attention]) -> _Attention:
     return kind(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.bias,
                 cfg.attention_dropout)
-
-
-def _feedforward(cfg: ModelConfig) -> nn.Module:
-    return make_feedforward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.bias)
 
 
 def encoder_block(cfg: ModelConfig) -> EncoderBlock:
     """One encoder block, its sublayers built as the config says."""
     return EncoderBlock(attn=_attention(cfg, SelfAttention), attn_norm=_norm(cfg),
-                        ffn=_feedforward(cfg), ffn_norm=_norm(cfg),
+                        ffn=make_feedforward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.bias),
+                        ffn_norm=_norm(cfg),
                         pre_norm=cfg.norm_placement == "pre", dropout=cfg.dropout)
 
 
@@ -66,7 +67,8 @@ def decoder_block(cfg: ModelConfig, cross_attention: bool) -> DecoderBlock:
     return DecoderBlock(self_attn=_attention(cfg, SelfAttention), self_attn_norm=_norm(cfg),
                         cross_attn=_attention(cfg, CrossAttention) if cross_attention else None,
                         cross_attn_norm=_norm(cfg) if cross_attention else None,
-                        ffn=_feedforward(cfg), ffn_norm=_norm(cfg),
+                        ffn=make_feedforward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.bias),
+                        ffn_norm=_norm(cfg),
                         pre_norm=cfg.norm_placement == "pre", dropout=cfg.dropout)
 
 
@@ -219,12 +221,11 @@ class Transformer(nn.Module):
                 "pass a padding mask by name: model(tokens, padding_mask=mask)")
         if self.decoder is None:  # encoder: tokens -> encoder -> head
             return self.logits(self.encode(tokens, padding_mask, token_types, positions))
-        memory = None
-        if self.encoder is not None:  # encoder-decoder: the source becomes the memory
-            src_mask = padding_mask if src_mask is None else src_mask
-            memory = self.encode(tokens, src_mask)  # (B, S, d_model)
-            tokens, padding_mask = tgt, tgt_mask
-        return self.decode(tokens, memory, src_mask, padding_mask, cache, positions)
+        if self.encoder is None or tgt is None:  # decoder: tokens -> decoder -> head
+            return self.decode(tokens, None, None, padding_mask, cache, positions)
+        src_mask = padding_mask if src_mask is None else src_mask  # encoder-decoder:
+        memory = self.encode(tokens, src_mask)  # the source becomes the memory (B, S, d_model)
+        return self.decode(tgt, memory, src_mask, tgt_mask, cache, positions)
 
     def encode(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
                token_types: torch.Tensor | None = None,

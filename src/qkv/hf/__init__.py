@@ -47,7 +47,7 @@ __all__ = ["ARCHITECTURES", "Architecture", "architecture_for", "load_hf", "save
 
 
 def _architecture(model_type: object, where: Path) -> Architecture:
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"{where / CONFIG} has model_type {model_type!r}; qkv reads "
             f"{', '.join(sorted(ARCHITECTURES))}"
