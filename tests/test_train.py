@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 import qkv
 from qkv import CheckpointError, ConfigError
 from qkv.data import BUNDLED
+from qkv.hardware import cpu_has_bf16, resolve_device, resolve_precision
 from qkv.train import TrainConfig, read_log, train
 from qkv.train.checkpoint import find_training_checkpoint, save_training_checkpoint
-from qkv.train.hardware import cpu_has_bf16, resolve_device, resolve_precision
 from qkv.train.optim import (
     load_optimizer_tensors,
     lr_at,
@@ -97,20 +97,15 @@ def test_optimizer_state_round_trips_through_safetensors(tmp_path):
     assert same_weights(model, copy)
 
 
-def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path):
-    full = train(tiny(tmp_path, "full"))
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path,
+                                                                interrupt_then_resume):
+    def run(name, callback=None, resume=False):
+        return train(tiny(tmp_path, name), resume=resume, callback=callback)
+
+    full, cut, resumed = interrupt_then_resume(run, step=10)  # not an evaluation step
     assert full.step == 20 and full.stopped_by is None
-
-    def interrupt(record):  # Ctrl-C at step 10 (not an evaluation step)
-        if record["step"] == 10:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    cut = train(tiny(tmp_path, "cut"), callback=interrupt)
-    assert cut.stopped_by == "SIGINT" and cut.step == 10
     state = json.loads((tmp_path / "cut" / "training" / "state.json").read_text())
-    assert state["step"] == 10 and state["sampler"]["drawn"] == 10
-
-    resumed = train(tiny(tmp_path, "cut"), resume=True)
+    assert state["step"] == 20 and state["sampler"]["drawn"] == 20  # the resumed run's
     assert resumed.step == 20
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # every step, 1..20
     assert same_weights(resumed.model, full.model)

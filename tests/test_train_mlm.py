@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -15,9 +13,10 @@ import qkv
 from qkv import ConfigError
 from qkv.cli import main
 from qkv.data import BUNDLED
-from qkv.tasks.mlm import masked_positions
-from qkv.train import TrainConfig, read_log, train
-from qkv.train.loop import evaluate, lm_loss
+from qkv.tasks.mlm import masked_lm_loss, masked_lm_objective, masked_positions
+from qkv.train import TrainConfig, read_log
+from qkv.train import train as train_lm
+from qkv.train.lm import mean_loss
 
 TEXT = BUNDLED.read_text(encoding="utf-8")[:30_000]
 
@@ -33,6 +32,11 @@ def tiny_bert(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
                    precision="fp32", device="cpu", progress=False, seed=0,
                    cache_dir=str(tmp_path / "cache"), dropout=0.1, threads=1)
     return TrainConfig(**{**options, **overrides})
+
+
+def train(cfg: TrainConfig, **options):
+    """`qkv train --family encoder`: the loop with the masked-LM objective."""
+    return train_lm(cfg, objective=masked_lm_objective, **options)
 
 
 def losses(run: Path) -> list[tuple[int, float, float | None]]:
@@ -63,7 +67,8 @@ def test_validation_loss_counts_only_the_masked_positions():
     with torch.no_grad():
         logits = model.eval()(x)
     expected = torch.nn.functional.cross_entropy(logits[y != -100], y[y != -100]).item()
-    assert evaluate(model, [(x, y)], torch.device("cpu")) == pytest.approx(expected, rel=1e-5)
+    assert mean_loss(model, [(x, y)], masked_lm_loss, torch.device("cpu")) == \
+        pytest.approx(expected, rel=1e-5)
 
 
 def test_the_training_loss_sees_only_masked_positions_in_a_few_shapes():
@@ -83,26 +88,20 @@ def test_the_training_loss_sees_only_masked_positions_in_a_few_shapes():
             {int((~picked.flatten()).int().argmax())}  # the padding: one unmasked position
         logits = model(x)
         expected = torch.nn.functional.cross_entropy(logits[picked], x[picked])
-        assert lm_loss(model, model.hidden_states, x, y).item() == pytest.approx(
+        assert masked_lm_loss(model, x, y).item() == pytest.approx(
             expected.item(), rel=1e-5)
     assert counts == {64}  # ~19 of 128 masked: always padded to one shape
     everything = torch.arange(100) % 50  # no position without a target: nothing to pad with
     assert torch.equal(masked_positions(everything), torch.arange(100))
 
 
-def test_an_interrupted_masked_lm_run_resumes_exactly(tmp_path):
-    full = train(tiny_bert(tmp_path, "full"))
+def test_an_interrupted_masked_lm_run_resumes_exactly(tmp_path, interrupt_then_resume):
+    def run(name, callback=None, resume=False):
+        return train(tiny_bert(tmp_path, name), resume=resume, callback=callback)
 
-    def interrupt(record):  # Ctrl-C at step 5 (not an evaluation step)
-        if record["step"] == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    cut = train(tiny_bert(tmp_path, "cut"), callback=interrupt)
-    assert cut.stopped_by == "SIGINT" and cut.step == 5
+    full, _, resumed = interrupt_then_resume(run, step=5)  # not an evaluation step
     state = json.loads((tmp_path / "cut" / "training" / "state.json").read_text())
-    assert state["sampler"]["drawn"] == 5 and state["sampler"]["batches"]["drawn"] == 5
-
-    resumed = train(tiny_bert(tmp_path, "cut"), resume=True)
+    assert state["sampler"]["drawn"] == 10 and state["sampler"]["batches"]["drawn"] == 10
     assert resumed.step == 10
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # every step, 1..10
     a, b = resumed.model.state_dict(), full.model.state_dict()

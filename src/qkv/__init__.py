@@ -6,9 +6,8 @@
     qkv.save(model, tokenizer, "runs/x");  model, tok = qkv.load("runs/x")
 """
 
-__version__ = "0.1.0"
-
 from . import presets
+from ._version import __version__
 from .checkpoint import load, save
 from .config import ModelConfig
 from .errors import (

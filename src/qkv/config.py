@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
 from .errors import ConfigError
+from .io import atomic_write_text
 
 FAMILIES = ("encoder", "decoder", "encoder-decoder")
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
@@ -229,12 +231,8 @@ class ModelConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self, path: str | Path | None = None) -> str:
-        from . import __version__
-
         text = json.dumps({**self.to_dict(), "qkv_version": __version__}, indent=2) + "\n"
         if path is not None:
-            from .checkpoint import atomic_write_text
-
             atomic_write_text(Path(path), text)
         return text
 

@@ -16,6 +16,10 @@ class ConfigError(QkvError, ValueError):
     """A configuration value is missing, of the wrong type, or inconsistent with another."""
 
 
+class PrecisionError(ConfigError):
+    """A number format (precision) the device cannot compute, such as bf16 on Apple's mps."""
+
+
 class CheckpointError(QkvError):
     """A model directory or weights file is missing, corrupt, or does not match its config."""
 

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import InputError
-from .tasks.common import load_model, resolve_precision
+from .hardware import resolve_precision
+from .tasks.common import load_model
 
 if TYPE_CHECKING:
     from .model import Transformer

@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from ._args import positive_int
+
 ORDER = 46
 
 EMBED_EPILOG = """examples:
@@ -31,9 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, help="index directory to write")
     e.add_argument("--model", default=None,
                    help="encoder directory or name (default: all-MiniLM-L6-v2)")
-    e.add_argument("--passage-words", type=int, default=120,
+    e.add_argument("--passage-words", type=positive_int, default=120,
                    help="words per passage for folders (default 120)")
-    e.add_argument("--batch-size", type=int, default=64, help="texts per batch (default 64)")
+    e.add_argument("--batch-size", type=positive_int, default=64,
+                   help="texts per batch (default 64)")
     e.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="bf16 autocast where supported (default auto)")
     e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
@@ -50,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("index", help="index directory written by qkv embed")
     s.add_argument("queries", nargs="+", metavar="QUERY", help="one or more queries")
-    s.add_argument("--top-k", type=int, default=3, help="passages per query (default 3)")
+    s.add_argument("--top-k", type=positive_int, default=3, help="passages per query (default 3)")
     s.add_argument("--model", default=None,
                    help="query model (default: the one the index was built with)")
     s.add_argument("--json", action="store_true", help="print one JSON object per query")
@@ -90,11 +93,8 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from ..errors import InputError
     from ..tasks.search import SearchIndex, query_index
 
-    if args.top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {args.top_k}")
     index = SearchIndex.load(args.index)
     name = args.model
     if name is None:

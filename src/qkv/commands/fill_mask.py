@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from ._args import positive_int
+
 ORDER = 44
 
 
@@ -21,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dir", help="encoder model directory (with its tokenizer)")
     p.add_argument("text", help="text with one or more [MASK] tokens")
-    p.add_argument("--top-k", type=int, default=5, help="candidates per [MASK] (default 5)")
+    p.add_argument("--top-k", type=positive_int, default=5,
+                   help="candidates per [MASK] (default 5)")
     p.add_argument("--json", action="store_true", help="print the candidates as JSON")
     p.set_defaults(func=run)
 

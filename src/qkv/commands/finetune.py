@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-ORDER = 30
+from ._args import device, parse_duration, positive_float, positive_int
+
+ORDER = 40
 
 CLASSIFY_EPILOG = """examples:
   qkv finetune classify --model all-MiniLM-L6-v2 --train benchmarks/data/sst2/train.tsv \\
@@ -45,24 +47,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: label)")
     c.add_argument("--label-names", help="comma-separated class names for the sorted labels, "
                    "e.g. negative,positive for 0,1")
-    c.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
-    c.add_argument("--batch-size", type=int, default=32, help="texts per step (default 32)")
-    c.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
+    c.add_argument("--epochs", type=positive_int, default=3,
+                   help="passes over the data (default 3)")
+    c.add_argument("--batch-size", type=positive_int, default=32,
+                   help="texts per step (default 32)")
+    c.add_argument("--lr", type=positive_float, default=5e-5,
+                   help="peak learning rate (default 5e-5)")
     c.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     c.add_argument("--warmup", type=float, default=0.06,
                    help="fraction of steps for the linear warm-up (default 0.06)")
-    c.add_argument("--max-length", type=int, default=128,
+    c.add_argument("--max-length", type=positive_int, default=128,
                    help="tokens per text; longer texts are cut (default 128)")
-    c.add_argument("--max-train-examples", type=int,
+    c.add_argument("--max-train-examples", type=positive_int,
                    help="train on a random subset of this many examples")
-    c.add_argument("--time-limit", type=float,
-                   help="stop after this many seconds (then evaluate and keep the best)")
-    c.add_argument("--eval-every", type=int, help="also evaluate every N steps")
+    c.add_argument("--time-limit", type=parse_duration, metavar="TIME",
+                   help="stop after this long, e.g. 90s, 5m, 1h (then evaluate, keep the best)")
+    c.add_argument("--eval-every", type=positive_int, help="also evaluate every N steps")
     c.add_argument("--pooling", choices=["mean", "cls", "last", "max", "pooler"],
                    help="text vector for the head (default: the model's own; last for decoders)")
     c.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="bf16 autocast where the CPU/GPU supports it (default auto)")
-    c.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    c.add_argument("--device", type=device, default="cpu", metavar="DEVICE",
+                   help="auto, cpu (default), cuda, cuda:N or mps")
     c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=run_classify)

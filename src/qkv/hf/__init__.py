@@ -22,10 +22,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..checkpoint import CONFIG, read_config_json
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, QkvError, UnsupportedModelError
-from ..io import atomic_write_safetensors, atomic_write_text
+from ..io import CONFIG, atomic_write_safetensors, atomic_write_text, read_config_json
 from ..model import Transformer
 from . import bart, bert, gpt2, llama, marian
 from .common import WEIGHTS, add_prefix, read_hf_tensors, strip_prefix, to_hf, to_qkv

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write_text
 from ..config import ModelConfig
 from ..errors import CheckpointError, UnsupportedModelError
+from ..io import atomic_write_text
 
 MODULES = "modules.json"
 SENTENCE_CONFIG = "sentence_bert_config.json"

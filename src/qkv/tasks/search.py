@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 
+from ..batching import model_device
 from ..errors import CheckpointError, InputError
-from .common import model_device, resolve_precision
+from ..hardware import resolve_precision
 
 if TYPE_CHECKING:
     from ..model import Transformer
@@ -151,7 +152,7 @@ class SearchIndex:
 
     def save(self, path: str | Path, dtype: str = "fp32") -> Path:
         """Write the index directory (atomically, file by file). dtype "fp16" halves its size."""
-        from .. import __version__
+        from .._version import __version__
         from ..io import atomic_write_safetensors, atomic_write_text
 
         if dtype not in ("fp32", "fp16"):

@@ -10,9 +10,10 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .. import presets
 from ..errors import ConfigError
-from .hardware import DEVICES, PRECISIONS
+from ..hardware import PRECISIONS, check_device_name
+from ..presets import get as get_preset
+from ..presets import names as preset_names
 
 TOKENIZERS = ("char", "bpe", "wordpiece")
 FAMILIES = ("decoder", "encoder")
@@ -124,16 +125,15 @@ class TrainConfig:
         if self.family == "encoder" and self.tokenizer != "wordpiece":
             raise ConfigError(f"masked-LM training needs a [MASK] token and the {self.tokenizer} "
                               "tokenizer has none; use --tokenizer wordpiece")
-        if self.preset in presets.names():
-            preset_family = presets.get(self.preset).family
+        if self.preset in preset_names():
+            preset_family = get_preset(self.preset).family
             if preset_family != self.family:
                 hint = (f"pass --family {preset_family}, or " if preset_family in FAMILIES
                         else "")
                 raise ConfigError(f"preset {self.preset!r} has family {preset_family}, not "
                                   f"{self.family}; {hint}choose a preset of family "
                                   f"{self.family}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device={self.device!r} is not one of {', '.join(DEVICES)}")
+        check_device_name(self.device)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r} is not one of "
                               f"{', '.join(PRECISIONS)}")

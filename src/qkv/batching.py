@@ -1,0 +1,67 @@
+"""Turning ragged rows of token ids into batches, and running a model for inference.
+
+    pad_id(tokenizer)                  the id that fills padding: pad, else eos, else 0
+    pad_rows(rows, pad_id, side)       ids (B, T) and mask (B, T), 1 for a real token
+    evaluating(model)                  eval mode and no autograd, then the previous mode back
+    model_device(model)                where the model's weights are
+
+A batch costs as much as its longest row times its size, so callers sort rows by length first
+(see tasks/common.sorted_batches). Padding goes on the right for an encoder and for training; a
+decoder that generates pads on the left, so that every row's last token is at the same place.
+This module depends on torch only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id that fills padding: the tokenizer's pad, else eos (GPT-2 has no pad), else 0."""
+    for token_id in (getattr(tokenizer, "pad_id", None), getattr(tokenizer, "eos_id", None)):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right",
+             device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad lists of ids to the longest: (ids LongTensor (B, T), mask LongTensor (B, T)).
+
+    mask is 1 at a real token and 0 at padding; side="left" puts the padding first."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side={side!r} is not 'right' or 'left'")
+    longest = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)  # (B, T)
+    for i, row in enumerate(rows):
+        n = len(row)
+        if n == 0:
+            continue
+        where = slice(0, n) if side == "right" else slice(longest - n, longest)
+        ids[i, where] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, where] = 1
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    return ids, mask
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off (model.eval()) and autograd off (inference mode); the mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (a model lives on one device)."""
+    return next(model.parameters()).device
