@@ -11,16 +11,15 @@ import torch
 import qkv
 from qkv.cli import main
 from qkv.errors import InputError
+from qkv.batching import bucketed_batches
+from qkv.data import label_order, read_labelled
 from qkv.tasks.classify import (
     ClassifySettings,
     accuracy_and_macro_f1,
     finetune_classifier,
-    label_order,
     predict_proba,
-    read_labelled,
     with_classifier,
 )
-from qkv.tasks.common import bucketed_batches, resolve_precision
 
 NOUNS = "film movie plot cast story acting music script ending scene".split()
 
@@ -141,13 +140,6 @@ def test_bucketed_batches_cover_everything_once():
     assert sorted(i for b in batches for i in b) == list(range(1000))
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
     assert spread / len(batches) < 5  # rows of a batch have similar lengths
-
-
-def test_precision_choice():
-    assert resolve_precision("auto") in ("bf16", "fp32")
-    assert resolve_precision("fp32") == "fp32"
-    with pytest.raises(InputError, match="precision"):
-        resolve_precision("fp8")
 
 
 # ---------------------------------------------------------------------------- learning

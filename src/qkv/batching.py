@@ -4,16 +4,19 @@
     pad_rows(rows, pad_id, side)       ids (B, T) and mask (B, T), 1 for a real token
     evaluating(model)                  eval mode and no autograd, then the previous mode back
     model_device(model)                where the model's weights are
+    sorted_batches(lengths, size)      index batches, longest first (inference)
+    bucketed_batches(lengths, size)    shuffled index batches of similar lengths (training)
 
-A batch costs as much as its longest row times its size, so callers sort rows by length first
-(see tasks/common.sorted_batches). Padding goes on the right for an encoder and for training; a
-decoder that generates pads on the left, so that every row's last token is at the same place.
-This module depends on torch only.
+A batch costs as much as its longest row times its size, so batching rows of similar length
+together is the single biggest speed-up for short, ragged text on a CPU. Padding goes on the
+right for an encoder and for training; a decoder that generates pads on the left, so that every
+row's last token is at the same place. This module depends on torch only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -65,3 +68,28 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter (a model lives on one device)."""
     return next(model.parameters()).device
+
+
+def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of indices, longest first, for evaluation and inference (order does not matter)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
+                     bucket_batches: int = 50) -> list[list[int]]:
+    """Shuffled training batches whose rows have similar lengths.
+
+    Shuffle everything, cut it into buckets of `bucket_batches` batches, sort each bucket by length
+    and cut it into batches, then shuffle the batches: every epoch sees a new random mix, yet
+    each batch pads very little.
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    size = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), size):
+        bucket = sorted(order[start: start + size], key=lambda i: lengths[i])
+        batches += [bucket[i: i + batch_size] for i in range(0, len(bucket), batch_size)]
+    rng.shuffle(batches)
+    return batches
