@@ -103,7 +103,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path,
         return train(tiny(tmp_path, name), resume=resume, callback=callback)
 
     full, cut, resumed = interrupt_then_resume(run, step=10)  # not an evaluation step
-    assert full.step == 20 and full.stopped_by is None
+    assert full.step == 20 and full.stopped_by is None and cut.step == 10
     state = json.loads((tmp_path / "cut" / "training" / "state.json").read_text())
     assert state["step"] == 20 and state["sampler"]["drawn"] == 20  # the resumed run's
     assert resumed.step == 20
@@ -112,6 +112,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path,
     assert resumed.best_val_loss == full.best_val_loss
 
 
+@pytest.mark.slow
 def test_sigkill_in_the_middle_of_a_checkpoint_keeps_the_previous_one(tmp_path):
     cfg = tiny(tmp_path, "killed")
     script = (

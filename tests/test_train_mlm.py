@@ -99,7 +99,8 @@ def test_an_interrupted_masked_lm_run_resumes_exactly(tmp_path, interrupt_then_r
     def run(name, callback=None, resume=False):
         return train(tiny_bert(tmp_path, name), resume=resume, callback=callback)
 
-    full, _, resumed = interrupt_then_resume(run, step=5)  # not an evaluation step
+    full, cut, resumed = interrupt_then_resume(run, step=5)  # not an evaluation step
+    assert cut.step == 5
     state = json.loads((tmp_path / "cut" / "training" / "state.json").read_text())
     assert state["sampler"]["drawn"] == 10 and state["sampler"]["batches"]["drawn"] == 10
     assert resumed.step == 10

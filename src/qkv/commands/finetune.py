@@ -17,7 +17,8 @@ CLASSIFY_EPILOG = """examples:
 
 Files: .tsv (GLUE style, no quoting), .csv or .jsonl, with a header row (.tsv/.csv). The class
 names are the distinct labels, sorted (numerically if they are all integers); --label-names
-renames them in that order. The best model on the dev set is saved to --out."""
+renames them in that order. The best model on the dev set is saved to --out. Ctrl-C saves a
+checkpoint; the same command with --resume continues exactly."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,7 +70,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bf16 autocast where the CPU/GPU supports it (default auto)")
     c.add_argument("--device", type=device, default="cpu", metavar="DEVICE",
                    help="auto, cpu (default), cuda, cuda:N or mps")
+    c.add_argument("--compile", action="store_true", help="use torch.compile")
     c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out exactly (repeat its other flags)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=run_classify)
     p.set_defaults(func=lambda args: _no_task(p))
@@ -81,6 +85,10 @@ def _no_task(parser: argparse.ArgumentParser) -> int:
 
 
 def run_classify(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from ..hardware import resolve_device
     from ..tasks.classify import ClassifySettings, finetune_classify_files
 
     names = [n.strip() for n in args.label_names.split(",")] if args.label_names else None
@@ -89,9 +97,14 @@ def run_classify(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, warmup=args.warmup, max_length=args.max_length,
         max_train_examples=args.max_train_examples, time_limit=args.time_limit,
         precision=args.precision, eval_every=args.eval_every, pooling=args.pooling,
-        label_names=names, seed=args.seed, progress=not args.no_progress)
+        label_names=names, seed=args.seed, compile=args.compile, progress=not args.no_progress)
     result = finetune_classify_files(args.model, args.train, args.dev, args.out,
-                                     args.text_column, args.label_column, settings, args.device)
+                                     args.text_column, args.label_column, settings,
+                                     str(resolve_device(args.device)), resume=args.resume)
+    if result.stopped_by in ("SIGINT", "SIGTERM"):
+        print(f"qkv finetune: stopped at step {result.steps}; resume with the same command and "
+              f"--resume (--out {shlex.quote(str(result.out))})", file=sys.stderr)
+        return 130 if result.stopped_by == "SIGINT" else 143
     summary = {k: v for k, v in result.summary().items() if k != "history"}
     print(f"best {result.evaluated_on} accuracy {result.best_accuracy:.4f} "
           f"(macro-F1 {result.best_macro_f1:.4f}) at step {result.best_step}; "

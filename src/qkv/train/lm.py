@@ -34,7 +34,7 @@ from ..data import (
     split,
     tokenize_corpus,
 )
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..hardware import autocast, resolve_device, resolve_precision, set_threads
 from ..model import Transformer
 from ..presets import get as get_preset
@@ -163,6 +163,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool,
     threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
 
     folder = find_training_checkpoint(out)
+    if resume and folder is None:
+        raise CheckpointError(f"{out} holds no training checkpoint to resume from "
+                              f"(no {out / 'training' / 'state.json'})")
     if not resume and not overwrite and (folder is not None or (out / WEIGHTS).exists()):
         raise ConfigError(f"{out} already holds a trained model; resume it with --resume, "
                           "or pick another --out (or pass --overwrite)")
@@ -202,8 +205,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool,
         eval_every=cfg.eval_every, log_every=cfg.log_every,
         eval_cost=cfg.eval_windows / (3 * cfg.batch_size * cfg.grad_accum), device=device,
         precision=precision, compile=cfg.compile, progress=cfg.progress)
-    if resume:
-        say(f"resuming {out}")
+    if resume and state is not None:
+        say(f"resuming {out} at step {state['step']}")
     else:
         out.mkdir(parents=True, exist_ok=True)
         model_cfg.to_json(out / CONFIG)
