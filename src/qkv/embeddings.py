@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from tqdm import tqdm
 
 from .batching import evaluating, model_device, pad_rows
 from .errors import InputError
@@ -64,8 +65,6 @@ def encode_sentences(
 
     starts = range(0, len(order), batch_size)
     if progress:
-        from tqdm import tqdm
-
         starts = tqdm(starts, desc="embedding", unit="batch")
     out = torch.empty(len(texts), cfg.d_model)
     with evaluating(model), autocast(device, precision):

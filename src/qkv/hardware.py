@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import ConfigError, PrecisionError
 
@@ -112,8 +113,6 @@ def training_attention(device: torch.device, precision: str):
     Everywhere else the default choice stands.
     """
     if device.type == "cpu" and precision == "bf16":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from ..errors import InputError
+from ..pipelines import pipeline
 from ._args import positive_int
 
 ORDER = 42
@@ -33,9 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import InputError
-    from ..pipelines import pipeline
-
     texts = []
     for t in args.texts:
         texts += [line for line in sys.stdin.read().splitlines() if line.strip()] if t == "-" \

@@ -7,6 +7,10 @@ import json
 import time
 from pathlib import Path
 
+from ..errors import CheckpointError
+from ..hub import packaged_minilm_path
+from ..tasks.common import load_model
+from ..tasks.search import DEFAULT_MODEL, SearchIndex, build_index, query_index, read_corpus
 from ._args import positive_int
 
 ORDER = 46
@@ -61,11 +65,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_encoder(name: str | None):
-    from ..errors import CheckpointError
-    from ..hub import packaged_minilm_path
-    from ..tasks.common import load_model
-    from ..tasks.search import DEFAULT_MODEL
-
     if name is None:
         if packaged_minilm_path() is None:
             raise CheckpointError(f"the default model {DEFAULT_MODEL} is not installed; run "
@@ -76,8 +75,6 @@ def _load_encoder(name: str | None):
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from ..tasks.search import build_index, read_corpus
-
     passages = read_corpus(args.corpus, args.passage_words)
     name, model, tokenizer = _load_encoder(args.model)
     t0 = time.perf_counter()
@@ -93,8 +90,6 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from ..tasks.search import SearchIndex, query_index
-
     index = SearchIndex.load(args.index)
     name = args.model
     if name is None:

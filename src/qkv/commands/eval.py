@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
+import tempfile
+from pathlib import Path
 
+from ..checkpoint import load
+from ..data import corpus_files, eval_batches, fingerprint, tokenize_corpus
+from ..errors import InputError
+from ..hardware import resolve_device, resolve_precision, set_threads
+from ..train import evaluate
 from ._args import device, positive_int
 
 ORDER = 30
@@ -37,16 +45,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import math
-    import tempfile
-    from pathlib import Path
-
-    from ..checkpoint import load
-    from ..data import corpus_files, eval_batches, fingerprint, tokenize_corpus
-    from ..errors import InputError
-    from ..hardware import resolve_device, resolve_precision, set_threads
-    from ..train import evaluate
-
     device = resolve_device(args.device)
     set_threads()  # one thread per idle CPU
     precision = resolve_precision(args.precision, device)

@@ -7,6 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from ..checkpoint import read_config_json
+from ..hub import resolve
+from ..pipelines import pipeline
+from ..tasks.mlm import fill_mask
 from ._args import positive_int
 
 ORDER = 44
@@ -31,8 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _has_trained_mlm_head(path: str) -> bool:
     """False for a Hugging Face checkpoint saved without its masked-LM head (e.g. BertModel)."""
-    from ..checkpoint import read_config_json
-    from ..hub import resolve
 
     folder = Path(path) if Path(path).exists() else resolve(path)
     raw = read_config_json(folder)
@@ -42,9 +44,6 @@ def _has_trained_mlm_head(path: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipelines import pipeline
-    from ..tasks.mlm import fill_mask
-
     fill = pipeline("fill-mask", model=args.dir)
     if not _has_trained_mlm_head(args.dir):
         print(f"qkv fill-mask: warning: {args.dir} has no trained masked-LM head (its "

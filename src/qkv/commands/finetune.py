@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 
+from ..hardware import resolve_device
+from ..tasks.classify import ClassifySettings, finetune_classify_files
 from ._args import device, parse_duration, positive_float, positive_int
 
 ORDER = 40
@@ -85,12 +89,6 @@ def _no_task(parser: argparse.ArgumentParser) -> int:
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    import shlex
-    import sys
-
-    from ..hardware import resolve_device
-    from ..tasks.classify import ClassifySettings, finetune_classify_files
-
     names = [n.strip() for n in args.label_names.split(",")] if args.label_names else None
     settings = ClassifySettings(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
+from ..checkpoint import load
+from ..errors import InputError
+from ..generate import generate
+from ..hardware import resolve_device, set_threads
+from ..quantize import quantize_int8
 from ._args import device, positive_int
 
 ORDER = 20
@@ -51,13 +58,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..checkpoint import load
-    from ..errors import InputError
-    from ..generate import generate
-    from ..hardware import resolve_device, set_threads
-
     device = resolve_device(args.device)
     set_threads()  # one thread per idle CPU
     if args.dtype == "int8" and device.type != "cpu":
@@ -65,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     model, tokenizer = load(args.dir, device=device, dtype=dtype)
     if args.dtype == "int8":
-        from ..quantize import quantize_int8
-
         quantize_int8(model)
     if tokenizer is None:
         raise InputError(f"{args.dir} has no tokenizer.json, so its text cannot be encoded")

@@ -6,7 +6,13 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
+from ..data import corpus_files
+from ..generate import generate
+from ..tasks.mlm import fill_mask, masked_lm_objective
+from ..train import TrainConfig, next_token_objective, train
+from ..train.checkpoint import find_training_checkpoint, read_state
 from ._args import device, parse_duration, positive_float, positive_int
 
 ORDER = 10
@@ -103,13 +109,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ..generate import generate
-    from ..tasks.mlm import masked_lm_objective
-    from ..train import TrainConfig, next_token_objective, train
-    from ..train.checkpoint import find_training_checkpoint, read_state
-
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     resume = given.pop("resume", False)
     overwrite = given.pop("overwrite", False)
@@ -157,8 +156,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_fill_mask(result, cfg) -> None:
     """A fill-mask example: a line of the held-out end of the text with one word masked."""
-    from ..data import corpus_files
-    from ..tasks.mlm import fill_mask
 
     with open(corpus_files(cfg.data)[-1], "rb") as f:  # the last few kilobytes only
         f.seek(max(0, f.seek(0, 2) - 8192))

@@ -17,6 +17,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ..errors import InputError
 from ..io import atomic_write
@@ -152,7 +153,6 @@ class _NoBar:
 def _progress_bar(total_bytes: int, progress: bool):
     if not progress or total_bytes < 32 << 20:  # only worth showing for large corpora
         return _NoBar()
-    from tqdm import tqdm
 
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing")
 
