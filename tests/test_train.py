@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 import qkv
 from qkv import CheckpointError, ConfigError
 from qkv.data import BUNDLED
-from qkv.hardware import cpu_has_bf16, resolve_device, resolve_precision
 from qkv.train import TrainConfig, read_log, train
 from qkv.train.checkpoint import find_training_checkpoint, save_training_checkpoint
 from qkv.train.optim import (
@@ -204,19 +203,18 @@ def test_a_failing_torch_compile_falls_back_with_one_warning(tmp_path, monkeypat
                    "training without it"]
 
 
-def test_device_and_precision_choices():
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if cpu_has_bf16()
-                                                               else "fp32")
-    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
-    with pytest.raises(ConfigError, match="precision"):
-        resolve_precision("fp8", torch.device("cpu"))
-    with pytest.raises(ConfigError, match="device"):
-        resolve_device("tpu")
-    with pytest.raises(ConfigError, match="batch_size"):
-        TrainConfig(batch_size=0)
-    with pytest.raises(ConfigError, match="max_steps or time_limit"):
-        TrainConfig(max_steps=None)
+@pytest.mark.parametrize(("options", "message"), [
+    ({"batch_size": 0}, "batch_size=0 must be a positive whole number"),
+    ({"max_steps": None}, "max_steps or time_limit"),
+    ({"precision": "fp8"}, "precision='fp8' is not one of"),
+    ({"device": "tpu"}, "device='tpu' is not one of"),
+    ({"time_limit": 0.0}, "time_limit=0.0 must be a positive number"),
+    ({"warmup_steps": -1}, "warmup_steps=-1 cannot be negative"),
+    ({"lr": 0.0}, "lr=0.0 must be positive"),
+])
+def test_bad_training_settings_name_the_field(options, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**options)
 
 
 def test_a_bpe_run_tokenizes_with_its_own_vocabulary(tmp_path):

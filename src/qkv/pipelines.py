@@ -90,6 +90,10 @@ class Pipeline:
     def check(self) -> None:
         """Raise InputError if the model cannot do this task."""
 
+    def __call__(self, inputs: Any, **options: Any) -> Any:
+        """Run the task on a string or a list of strings (each subclass does its task)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(task={self.task!r}, family={self.model.config.family}, "
                 f"precision={self.precision})")

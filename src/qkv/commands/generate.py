@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         text = generate(model, tokenizer, prompts[0], stream=show, **options)
         if not shown:
             print(prompts[0], end="")
-        if not (prompts[0] + text).endswith("\n"):
+        if not (prompts[0] + str(text)).endswith("\n"):
             print()
         return 0
     texts = generate(model, tokenizer, prompts, **options)

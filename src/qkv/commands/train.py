@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         text = generate(result.model, result.tokenizer, prompt, max_new_tokens=sample_tokens,
                         temperature=0.8, seed=cfg.seed,
                         stream=lambda piece: print(piece, end="", flush=True))
-        if not text.endswith("\n"):
+        if not str(text).endswith("\n"):
             print()
         print("---")
     print(f"next: qkv generate {out} --prompt \"ROMEO:\"")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 from tqdm import tqdm
@@ -41,7 +42,8 @@ def fit_tokenizer(files: list[Path], kind: str = "char", vocab_size: int | None 
     cached = cache_dir / f"tokenizer-{key}.json" if cache_dir is not None else None
     if cached is not None and cached.is_file():
         return Tokenizer.load(cached)
-    tokenizer = Tokenizer.train([Path(f) for f in files], kind=kind, vocab_size=vocab_size)
+    tokenizer = Tokenizer.train([Path(f) for f in files], kind=cast(Any, kind),
+                                vocab_size=vocab_size)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(cached)

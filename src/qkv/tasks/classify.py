@@ -201,7 +201,7 @@ class ClassifyResult:
         return {**keep, "out": str(self.out) if self.out else None}
 
 
-def classification_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def classification_loss(model: Transformer, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Mean cross-entropy of a batch (ids, mask, labels)."""
     ids, mask, target = batch
     logits = model.classify(ids, mask)  # (B, num_labels)
@@ -216,7 +216,7 @@ def classification_objective(rows: Sequence[Sequence[int]], labels: Sequence[int
     accurate one (on a tie, the one with the lower loss)."""
     steps_per_epoch = math.ceil(len(rows) / settings.batch_size)
 
-    def evaluate_dev(model: torch.nn.Module) -> dict[str, float]:
+    def evaluate_dev(model: Transformer) -> dict[str, float]:
         metrics = evaluate(model, eval_rows, eval_labels, pad, settings.eval_batch_size,
                            precision)
         return {f"{eval_name}_{k}": v for k, v in metrics.items()}

@@ -125,11 +125,13 @@ def mlm_batch(
     """
     if len(examples) == 0:
         raise InputError("cannot make a masked-LM batch from an empty list")
+    rows: list[list[int]]
     if isinstance(examples[0], str):
-        rows = tokenizer.encode_batch(list(examples), truncation=max_length is not None,
-                                      max_length=max_length)["input_ids"]
+        rows = tokenizer.encode_batch([str(e) for e in examples], truncation=max_length
+                                      is not None, max_length=max_length)["input_ids"]
     else:
-        rows = [list(r)[:max_length] if max_length else list(r) for r in examples]
+        rows = [[int(i) for i in r][:max_length] if max_length else [int(i) for i in r]
+                for r in examples]
     if any(len(r) == 0 for r in rows):
         raise InputError("cannot mask an empty sequence")
     ids, attention = pad_rows(rows, pad_id(tokenizer), device=device)
@@ -229,8 +231,9 @@ class MLMBatches:
                  mask_id: int | None = None, vocab_size: int | None = None, seed: int = 0):
         self.batches = batches
         self.iterator = iter(batches)
-        self.options = dict(mlm_probability=mlm_probability, special_ids=special_ids,
-                            mask_id=mask_id, vocab_size=vocab_size)
+        self.options: dict[str, Any] = dict(
+            mlm_probability=mlm_probability, special_ids=special_ids, mask_id=mask_id,
+            vocab_size=vocab_size)
         self.tokenizer, self.seed, self.drawn = tokenizer, seed, 0
 
     def __iter__(self) -> MLMBatches:

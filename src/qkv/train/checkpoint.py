@@ -125,7 +125,7 @@ def is_run_dir(out: Path) -> bool:
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     """The states of torch's random generators, as JSON-safe strings."""
-    state = {"torch": _b64(torch.get_rng_state())}
+    state: dict[str, Any] = {"torch": _b64(torch.get_rng_state())}
     if device.type == "cuda":
         state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return state

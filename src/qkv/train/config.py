@@ -116,7 +116,7 @@ class TrainConfig:
 
     @property
     def final_lr(self) -> float:
-        return self.min_lr if self.min_lr is not None else self.lr / 10
+        return self.min_lr if self.min_lr is not None else (self.lr or 0.0) / 10
 
     def validate(self) -> None:
         if self.tokenizer not in TOKENIZERS:
@@ -137,6 +137,9 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r} is not one of "
                               f"{', '.join(PRECISIONS)}")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
         positive = ["batch_size", "grad_accum", "eval_every", "eval_windows", "log_every"]
         optional_positive = ["vocab_size", "n_layers", "d_model", "n_heads", "context",
                              "max_steps", "threads"]
@@ -146,11 +149,12 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive whole number")
-        if self.warmup_steps < 0:
+        lr, warmup = self.lr or 0.0, self.warmup_steps or 0  # set by __post_init__
+        if warmup < 0:
             raise ConfigError(f"warmup_steps={self.warmup_steps} cannot be negative")
-        if not self.lr > 0:
+        if not lr > 0:
             raise ConfigError(f"lr={self.lr} must be positive")
-        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+        if self.min_lr is not None and not 0 <= self.min_lr <= lr:
             raise ConfigError(f"min_lr={self.min_lr} must be between 0 and lr={self.lr}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction={self.val_fraction} must be between 0 and 1")

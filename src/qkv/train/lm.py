@@ -156,6 +156,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
 def _train(cfg: TrainConfig, resume: bool, overwrite: bool,
            callback: Callable[[dict[str, Any]], None] | None,
            make_objective: ObjectiveFactory) -> TrainResult:
+    assert cfg.preset and cfg.tokenizer and cfg.lr and cfg.warmup_steps is not None  # __post_init__
     out = Path(cfg.out_dir)
     say = printer(cfg.progress)
     device = resolve_device(cfg.device)

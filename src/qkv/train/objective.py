@@ -43,8 +43,8 @@ class Batches(Protocol):
 @dataclass
 class Objective:
     batches: Batches
-    loss: Callable[[torch.nn.Module, Any], torch.Tensor]
-    evaluate: Callable[[torch.nn.Module], dict[str, float]]
+    loss: Callable[[Any, Any], torch.Tensor]  # (model, batch) -> mean loss
+    evaluate: Callable[[Any], dict[str, float]]  # model -> metrics
     best: Sequence[tuple[str, str]]
     unit: str = "tokens"
     count: Callable[[Any], int] = lambda batch: int(batch[0].numel())
