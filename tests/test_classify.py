@@ -194,7 +194,7 @@ def test_a_one_step_schedule_does_not_divide_by_zero(tok):
     (reviews(8), None, {"precision": "fp8"}, "precision='fp8' is not one of"),
 ])
 def test_bad_labels_and_settings_are_one_clear_error(tok, train, dev, options, message):
-    with pytest.raises(qkv.QkvError, match=message):  # ConfigError for the precision
+    with pytest.raises(InputError, match=message):
         finetune_classifier(tiny_encoder(tok), tok, train, dev,
                             ClassifySettings(**{**FAST, **options}))
 

@@ -16,16 +16,18 @@ class ConfigError(QkvError, ValueError):
     """A configuration value is missing, of the wrong type, or inconsistent with another."""
 
 
-class PrecisionError(ConfigError):
-    """A number format (precision) the device cannot compute, such as bf16 on Apple's mps."""
-
-
 class CheckpointError(QkvError):
     """A model directory or weights file is missing, corrupt, or does not match its config."""
 
 
 class InputError(QkvError, ValueError):
     """Input data is unusable: token ids out of range, a sequence too long, empty or binary text."""
+
+
+class PrecisionError(ConfigError, InputError):
+    """A number format (precision) that qkv does not know, or that the device cannot compute
+    (bf16 on Apple's mps). A setting of a run (ConfigError) as much as an argument of a call
+    (InputError): code that catches either one sees it."""
 
 
 class TokenizerError(QkvError):

@@ -84,11 +84,10 @@ def fast_bf16(device: str | torch.device) -> bool:
 def resolve_precision(name: str, device: str | torch.device = "cpu") -> str:
     """"bf16" or "fp32". "auto" is bf16 where the hardware computes it natively (fast_bf16).
 
-    An unknown name raises ConfigError; bf16 on a device that cannot compute it at all raises
-    PrecisionError (a ConfigError). bf16 on a CPU without the native instructions is allowed:
-    it is correct, only slower."""
+    An unknown name, or bf16 on a device that cannot compute it at all, raises PrecisionError.
+    bf16 on a CPU without the native instructions is allowed: it is correct, only slower."""
     if name not in PRECISIONS:
-        raise ConfigError(f"precision={name!r} is not one of {', '.join(PRECISIONS)}")
+        raise PrecisionError(f"precision={name!r} is not one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
     if name == "auto":
         return "bf16" if fast_bf16(device) else "fp32"

@@ -113,20 +113,17 @@ class _Fit:
         self.model, self.optimizer, self.objective, self.loop = model, optimizer, objective, loop
         self.out, self.extra_state, self.callback = out, extra_state, callback
         self.names = {id(p): name for name, p in model.named_parameters()}
-        self.step, self.seen, self.elapsed = 0, 0, 0.0
-        self.max_steps = loop.max_steps
-        self.best: dict[str, float] | None = None
-        self.best_step = 0
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.history: list[dict[str, Any]] = []
+        self.step, self.seen, self.elapsed, self.max_steps = 0, 0, 0.0, loop.max_steps
+        self.best: dict[str, float] | None = None  # the metrics of the best model (at best_step)
         self.metrics: dict[str, float] | None = None  # of the last evaluation
+        self.best_step, self.history = 0, []
+        self.best_state: dict[str, torch.Tensor] | None = None
 
     # ---- 1. resume, or start a fresh run directory ---------------------------------------------
     def resume(self) -> None:
         folder = find_training_checkpoint(self.out) if self.out is not None else None
         if self.out is None or folder is None:
-            raise CheckpointError(f"{self.out} holds no training checkpoint to resume from "
-                                  f"(no {Path(str(self.out)) / 'training' / 'state.json'})")
+            raise CheckpointError(f"{self.out} holds no training checkpoint to resume from")
         state = read_state(folder)
         load_weights(self.model, folder / WEIGHTS)
         load_optimizer_tensors(self.optimizer, self.names, *read_optimizer(folder))
@@ -195,9 +192,8 @@ class _Fit:
                 self.elapsed = elapsed_before + (now - start)
                 out_of_time = loop.time_limit is not None and now - start >= loop.time_limit
                 if self.max_steps is None:  # time-limited: fit the schedule to the time, once
-                    assert loop.time_limit is not None  # noqa: S101 (LoopConfig's contract)
                     more, calibration = fit_schedule(self.step - first_step, now - start,
-                                                     loop.time_limit, loop.eval_cost,
+                                                     loop.time_limit or 0.0, loop.eval_cost,
                                                      loop.eval_every, calibration)
                     self.max_steps = None if more is None else first_step + more
                 last = self.step == self.max_steps or out_of_time or stop.signal is not None
@@ -254,9 +250,8 @@ class _Fit:
         metrics = self.evaluate() if evaluated else None
         if metrics is not None:
             record.update({k: round(v, 6) for k, v in metrics.items()})
-            assert self.best is not None  # noqa: S101 (set by evaluate)
             first = self.objective.best[0][0]
-            record[f"best_{first}"] = round(self.best[first], 6)
+            record[f"best_{first}"] = round((self.best or metrics)[first], 6)
         if self.out is not None:
             append_log(self.out / LOG, record)
         if self.callback is not None:
