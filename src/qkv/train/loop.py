@@ -160,10 +160,7 @@ class _Fit:
     # ---- 2. the loop ----------------------------------------------------------------------------
     def run(self, resume: bool) -> FitResult:
         loop, objective = self.loop, self.objective
-        if resume:
-            self.resume()
-        else:
-            self.fresh()
+        self.resume() if resume else self.fresh()
         loss_fn = self.compiled_loss() if loop.compile else objective.loss
         loss_sum, counted = torch.zeros((), device=loop.device), 0
         start = last_log_time = time.perf_counter()
@@ -173,7 +170,8 @@ class _Fit:
         stopped_by, train_loss, per_s, evaluated = None, None, 0.0, False
         self.bar = ProgressBar(loop.progress, self.step, self.max_steps,
                                "training" if loop.name == "train" else loop.name,
-                               objective.unit[:3])
+                               {"tokens": "tok", "examples": "ex"}.get(objective.unit,
+                                                                       objective.unit))
         with StopRequest(loop.name) as stop:
             while self.max_steps is None or self.step < self.max_steps:
                 lr = loop.schedule.at(self.step, self.max_steps or 10**12)
