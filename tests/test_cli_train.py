@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import qkv.cli
+import qkv.errors
 from qkv.cli import build_parser, main
 from qkv.commands._args import parse_duration
 from qkv.data import BUNDLED
@@ -167,3 +169,27 @@ def test_ctrl_c_saves_and_prints_the_resume_command(workdir):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming run at step {step}" in resumed.stderr
     assert json.loads(Path("run/training/state.json").read_text())["step"] == step + 2
+
+
+@pytest.mark.parametrize("error", [qkv.errors.ConfigError, qkv.errors.CheckpointError,
+                                   qkv.errors.InputError, qkv.errors.TokenizerError,
+                                   qkv.errors.UnsupportedModelError, qkv.errors.PrecisionError])
+def test_every_qkv_error_reaches_the_command_line_as_one_line_and_status_2(
+        workdir, capsys, monkeypatch, error):
+    def fail(args):
+        raise error("the sentence that names the problem")
+
+    monkeypatch.setattr(qkv.cli, "build_parser", _parser_with(fail))
+    assert main(["info", "anything"]) == 2
+    assert one_error_line(capsys) == "qkv info: error: the sentence that names the problem"
+
+
+def _parser_with(func):
+    def build():
+        parser = build_parser()
+        parser.set_defaults(func=func)
+        for action in parser._subparsers._group_actions:  # every subcommand runs `func`
+            for sub in action.choices.values():
+                sub.set_defaults(func=func)
+        return parser
+    return build

@@ -173,22 +173,24 @@ def test_overfitting_one_batch_drives_the_loss_near_zero(family):
     assert loss.item() < 0.05
 
 
-def test_bad_inputs_raise_clear_errors():
-    model = Transformer(tiny_config("decoder", max_seq_len=16)).eval()
-    with pytest.raises(InputError, match="token id 50 is outside the table of size 50"):
-        model(torch.tensor([[1, 2, 50]]))
-    with pytest.raises(InputError, match="longer than max_seq_len=16"):
-        model(torch.zeros(1, 17, dtype=torch.long))
-    with pytest.raises(InputError, match="shape \\(batch, length\\)"):
-        model(torch.zeros(5, dtype=torch.long))
-    with pytest.raises(InputError, match="padding mask has shape"):
-        model(torch.zeros(2, 5, dtype=torch.long), padding_mask=torch.ones(2, 4))
-    with pytest.raises(InputError, match="integer tensor"):
-        model(torch.zeros(1, 5))
-    with pytest.raises(InputError, match="padding_mask=mask"):
-        model(torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.long))
-    with pytest.raises(InputError, match="needs target tokens"):
-        Transformer(tiny_config("encoder-decoder"))(torch.zeros(1, 5, dtype=torch.long))
+LONG = torch.long
+
+
+@pytest.mark.parametrize(("family", "args", "kwargs", "message"), [
+    ("decoder", [torch.tensor([[1, 2, 50]])], {}, "token id 50 is outside the table of size 50"),
+    ("decoder", [torch.zeros(1, 17, dtype=LONG)], {}, "longer than max_seq_len=16"),
+    ("decoder", [torch.zeros(5, dtype=LONG)], {}, "shape \\(batch, length\\)"),
+    ("decoder", [torch.zeros(2, 5, dtype=LONG)], {"padding_mask": torch.ones(2, 4)},
+     "padding mask has shape"),
+    ("decoder", [torch.zeros(1, 5)], {}, "integer tensor"),
+    ("decoder", [torch.zeros(1, 5, dtype=LONG), torch.ones(1, 5, dtype=LONG)], {},
+     "padding_mask=mask"),
+    ("encoder-decoder", [torch.zeros(1, 5, dtype=LONG)], {}, "needs target tokens"),
+])
+def test_bad_inputs_raise_clear_errors(family, args, kwargs, message):
+    model = Transformer(tiny_config(family, max_seq_len=16)).eval()
+    with pytest.raises(InputError, match=message):
+        model(*args, **kwargs)
 
 
 def test_tied_output_layer_shares_the_embedding():

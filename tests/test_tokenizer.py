@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qkv.errors import InputError, QkvError, TokenizerError
+from qkv.errors import InputError, TokenizerError
 from qkv.tokenizer import Tokenizer
 
 # Strings that break naive tokenizers: accents, emoji (4 UTF-8 bytes), CJK, whitespace runs.
@@ -384,10 +384,6 @@ def test_bad_training_arguments() -> None:
         Tokenizer.train(CORPUS, kind="bpe", vocab_size=100)
     with pytest.raises(InputError, match="must be file paths or strings"):
         Tokenizer.train([b"bytes"], kind="char")  # type: ignore[list-item]
-
-
-def test_errors_are_qkv_errors() -> None:
-    assert issubclass(TokenizerError, QkvError) and issubclass(InputError, QkvError)
 
 
 # ---------------------------------------------------------------------- the real all-MiniLM-L6-v2
