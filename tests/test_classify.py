@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qkv
+from conftest import same_weights, tiny_encoder
 from qkv.batching import bucketed_batches
 from qkv.cli import main
 from qkv.data import label_order, read_labelled
@@ -23,8 +24,6 @@ from qkv.tasks.classify import (
 from qkv.train import read_log
 
 NOUNS = "film movie plot cast story acting music script ending scene".split()
-
-
 
 
 def reviews(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -42,12 +41,6 @@ def reviews(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
 @pytest.fixture(scope="module")
 def tok() -> qkv.Tokenizer:
     return qkv.Tokenizer.train(reviews(100)[0], kind="wordpiece", vocab_size=100)
-
-
-def tiny_encoder(tok: qkv.Tokenizer, **kw) -> qkv.Transformer:
-    base = dict(family="encoder", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4,
-                max_seq_len=32)
-    return qkv.Transformer(qkv.ModelConfig(**{**base, **kw}))
 
 
 def write_tsv(path, texts, labels, header="sentence\tlabel"):
@@ -216,8 +209,7 @@ def test_an_interrupted_fine_tuning_resumes_exactly(tok, tmp_path, interrupt_the
     assert cut.steps == 8 and resumed.steps == full.steps == 12
     assert [r[0] for r in log("full")] == [4, 6, 8, 12]  # every 4 steps and each epoch's end
     assert log("cut") == log("full")
-    a, b = resumed.model.state_dict(), full.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)  # the best model, reloaded
+    assert same_weights(resumed.model, full.model)  # the best model, reloaded
     assert resumed.best_step == full.best_step
 
 

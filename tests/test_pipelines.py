@@ -13,8 +13,6 @@ from qkv.tasks.classify import with_classifier
 TEXTS = ["the film was good", "the plot was bad", "a long and winding story about a film"]
 
 
-
-
 @pytest.fixture(scope="module")
 def tok() -> qkv.Tokenizer:
     return qkv.Tokenizer.train(TEXTS * 3, kind="wordpiece", vocab_size=100)

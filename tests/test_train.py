@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qkv
+from conftest import losses, same_weights
 from qkv import CheckpointError, ConfigError
 from qkv.data import BUNDLED
 from qkv.train import TrainConfig, read_log, train
@@ -41,15 +42,6 @@ def tiny(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
                    device="cpu", progress=False, seed=0, cache_dir=str(tmp_path / "cache"),
                    dropout=0.1, threads=1)  # dropout: the random state must be resumed too
     return TrainConfig(**{**options, **overrides})
-
-
-def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def losses(run: Path) -> list[tuple[int, float, float | None]]:
-    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in read_log(run)]
 
 
 def test_learning_rate_warms_up_then_decays_by_cosine():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import qkv
+from conftest import losses, same_weights
 from qkv import ConfigError
 from qkv.cli import main
 from qkv.data import BUNDLED
@@ -37,10 +38,6 @@ def tiny_bert(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
 def train(cfg: TrainConfig, **options):
     """`qkv train --family encoder`: the loop with the masked-LM objective."""
     return train_lm(cfg, objective=masked_lm_objective, **options)
-
-
-def losses(run: Path) -> list[tuple[int, float, float | None]]:
-    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in read_log(run)]
 
 
 def test_masked_lm_training_learns_and_saves_a_loadable_bert(tmp_path):
@@ -105,8 +102,7 @@ def test_an_interrupted_masked_lm_run_resumes_exactly(tmp_path, interrupt_then_r
     assert state["sampler"]["drawn"] == 10 and state["sampler"]["batches"]["drawn"] == 10
     assert resumed.step == 10
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # every step, 1..10
-    a, b = resumed.model.state_dict(), full.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(resumed.model, full.model)
 
 
 def test_a_preset_of_the_other_family_or_a_tokenizer_without_mask_is_a_clear_error(tmp_path):
