@@ -233,6 +233,7 @@ def test_cli_finetune_then_classify(tok, tmp_path, capsys):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and {"step", "dev_accuracy", "dev_macro_f1"} <= set(log[0])
+    assert [r["epoch"] for r in log] == [1.0, 2.0, 3.0]  # evaluated at each epoch's end
 
     assert main(["classify", str(out), "the music was good", "the plot was bad"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from .batching import evaluating, model_device, pad_rows
+from .batching import evaluating, model_device, pad_id, pad_rows
 from .errors import InputError
 from .hardware import autocast, resolve_precision
 from .model import Transformer, pool
@@ -60,7 +60,7 @@ def encode_sentences(
     max_length = min(max_length or cfg.embed_max_len or cfg.max_seq_len, cfg.max_seq_len)
     ids = tokenizer.encode_batch(texts, truncation=True, max_length=max_length)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)  # longest first
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (cfg.pad_token_id or 0)
+    pad = pad_id(tokenizer)
     normalize = cfg.normalize_embeddings if normalize is None else normalize
 
     starts = range(0, len(order), batch_size)

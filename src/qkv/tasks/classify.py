@@ -221,12 +221,13 @@ def classification_objective(rows: Sequence[Sequence[int]], labels: Sequence[int
                            precision)
         return {f"{eval_name}_{k}": v for k, v in metrics.items()}
 
+    batches = LabelledBatches(rows, labels, settings.batch_size, pad, rng)
     return Objective(
-        batches=LabelledBatches(rows, labels, settings.batch_size, pad, rng),
-        loss=classification_loss, evaluate=evaluate_dev,
+        batches=batches, loss=classification_loss, evaluate=evaluate_dev,
         best=[(f"{eval_name}_accuracy", "max"), (f"{eval_name}_loss", "min")],
         unit="examples", count=lambda batch: int(batch[0].shape[0]),
-        eval_due=lambda step: step % steps_per_epoch == 0)
+        eval_due=lambda step: step % steps_per_epoch == 0,
+        progress=lambda: {"epoch": round(batches.epoch + batches.index / len(batches.order), 3)})
 
 
 def finetune_classifier(model: Transformer, tokenizer: Tokenizer,

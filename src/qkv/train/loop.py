@@ -244,7 +244,8 @@ class _Fit:
         unit = self.objective.unit
         record: dict[str, Any] = {
             "step": self.step, "train_loss": round(train_loss, 6), "lr": lr,
-            f"{unit}_per_s": round(per_s, 1), "elapsed": round(self.elapsed, 3), unit: self.seen}
+            f"{unit}_per_s": round(per_s, 1), "elapsed": round(self.elapsed, 3), unit: self.seen,
+            **(self.objective.progress() if self.objective.progress else {})}
         metrics = self.evaluate() if evaluated else None
         if metrics is not None:
             record.update({k: round(v, 6) for k, v in metrics.items()})

@@ -14,6 +14,7 @@ handed an Objective, built by the code that knows the task:
     count      count(batch) -> how many `unit`s a micro-batch holds (for throughput: tokens/s)
     eval_due   optional: eval_due(step) -> True where an evaluation is due besides every
                `eval_every` updates (the end of an epoch)
+    progress   optional: progress() -> {"epoch": 1.5}, added to every log line
 
 Next-token language modelling (train/lm.py), masked language modelling (tasks/mlm.py) and
 classification fine-tuning (tasks/classify.py) are three objectives for the one loop.
@@ -49,6 +50,7 @@ class Objective:
     unit: str = "tokens"
     count: Callable[[Any], int] = lambda batch: int(batch[0].numel())
     eval_due: Callable[[int], bool] | None = None
+    progress: Callable[[], dict[str, float]] | None = None
 
     def __post_init__(self) -> None:
         for metric, direction in self.best:
