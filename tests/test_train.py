@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qkv
-from conftest import losses, same_weights
+from conftest import interrupt_at, losses, same_weights
 from qkv import CheckpointError, ConfigError
 from qkv.data import BUNDLED
 from qkv.train import TrainConfig, read_log, train
@@ -213,3 +213,17 @@ def test_a_bpe_run_tokenizes_with_its_own_vocabulary(tmp_path):
     result = train(tiny(tmp_path, tokenizer="bpe", vocab_size=300, max_steps=2, eval_every=2))
     assert result.tokenizer.kind == "bpe" and result.model.config.vocab_size == 300
     assert list((tmp_path / "cache").glob("tokens-*.uint16.bin"))
+
+
+def test_a_checkpoint_written_before_objectives_still_resumes(tmp_path):
+    cut = train(tiny(tmp_path, "cut"), callback=interrupt_at(10))
+    state_path = tmp_path / "cut" / "training" / "state.json"
+    state = json.loads(state_path.read_text())
+    best = state.pop("best")["val_loss"]
+    state.update(tokens_seen=state.pop("seen"), best_val_loss=best)
+    del state["best_step"]
+    state_path.write_text(json.dumps(state))  # the state.json of qkv before the Objective
+    resumed = train(tiny(tmp_path, "cut"), resume=True)
+    train(tiny(tmp_path, "full"))
+    assert cut.stopped_by == "SIGINT" and resumed.step == 20
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")

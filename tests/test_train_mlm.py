@@ -129,3 +129,8 @@ def test_the_command_line_trains_a_bert_and_fills_in_a_mask(tmp_path, monkeypatc
     assert code == 0
     assert "--- fill-mask: " in out and "[MASK]" in out and "next: qkv fill-mask bert" in out
     assert json.loads(Path("bert/config.json").read_text())["family"] == "encoder"
+
+
+def test_an_encoder_is_never_trained_by_next_token_prediction(tmp_path):
+    with pytest.raises(ConfigError, match="pass objective=qkv.tasks.mlm.masked_lm_objective"):
+        train_lm(tiny_bert(tmp_path))  # the default objective is next-token prediction

@@ -105,6 +105,10 @@ def read_state(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not readable ({e})") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a qkv training state")
+    if "seen" not in state and "tokens_seen" in state:  # written before the loop took objectives
+        best = state.get("best_val_loss")
+        state.update(seen=state["tokens_seen"], best_step=0,
+                     best=None if best is None else {"val_loss": best})
     return state
 
 

@@ -129,6 +129,10 @@ def loss_objective(batches: Any, val_batches: list[Batch], loss: Callable[..., t
 
 def next_token_objective(model: Transformer, data: LMData) -> Objective:
     """Next-token prediction (a GPT): random windows of the training stream."""
+    if model.config.family != "decoder":
+        raise ConfigError(f"next-token prediction trains a decoder, not an {model.config.family}"
+                          "; an encoder learns by masked language modelling: pass objective="
+                          "qkv.tasks.mlm.masked_lm_objective")
     cfg = data.cfg
     return loss_objective(
         LMBatches(data.train_ids, data.context, cfg.batch_size, seed=cfg.seed),
