@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT / "src"))
 import qkv  # noqa: E402
 from qkv.data import BUNDLED, eval_batches, split  # noqa: E402
 from qkv.generate import decode_tokens  # noqa: E402
+from qkv.hardware import set_threads  # noqa: E402
 from qkv.quantize import Int8Linear, quantize_int8, use_matrix_vector  # noqa: E402
 from qkv.train import evaluate  # noqa: E402
-from qkv.train.hardware import set_threads  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*quantiz")  # torch's notes on its quantized APIs
 

@@ -32,12 +32,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 import qkv  # noqa: E402
-from qkv.commands.train import parse_duration  # noqa: E402
-from qkv.data import BUNDLED  # noqa: E402
-from qkv.tasks.classify import ClassifySettings, finetune_classifier, read_labelled  # noqa: E402
-from qkv.tasks.common import pad_batch, pad_id_of  # noqa: E402
+from qkv.batching import pad_id, pad_rows  # noqa: E402
+from qkv.commands._args import parse_duration  # noqa: E402
+from qkv.data import BUNDLED, read_labelled  # noqa: E402
+from qkv.hardware import set_threads  # noqa: E402
+from qkv.tasks.classify import ClassifySettings, finetune_classifier  # noqa: E402
 from qkv.train import TrainConfig, train  # noqa: E402
-from qkv.train.hardware import set_threads  # noqa: E402
 
 SST2 = HERE / "data" / "sst2"
 
@@ -58,7 +58,7 @@ def write_corpus(kind: str, folder: Path) -> Path:
 def token_spread(model: qkv.Transformer, tokenizer: qkv.Tokenizer) -> float:
     """Mean over dimensions of the std of token vectors across positions (0 = collapsed)."""
     texts = read_labelled(SST2 / "dev.tsv").texts[:64]
-    ids, mask = pad_batch(tokenizer.encode_batch(texts)["input_ids"], pad_id_of(tokenizer))
+    ids, mask = pad_rows(tokenizer.encode_batch(texts)["input_ids"], pad_id(tokenizer))
     with torch.inference_mode():
         h = model.eval().encode(ids, mask)[mask.bool()]  # (real tokens, d)
     return h.std(dim=0).mean().item()

@@ -36,13 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import qkv  # noqa: E402
-from qkv.train import TrainConfig, train  # noqa: E402
-from qkv.train.hardware import (  # noqa: E402
+from qkv.hardware import (  # noqa: E402
     autocast,
     resolve_precision,
     set_threads,
     training_attention,
 )
+from qkv.train import TrainConfig, train  # noqa: E402
 
 SHAPES = {  # name: (ModelConfig overrides of the gpt2-124m preset, batch, context, timed steps)
     "baby": (dict(vocab_size=65, d_model=128, n_layers=4, n_heads=4, max_seq_len=64), 12, 64,
@@ -60,11 +60,11 @@ BABY_RECIPE = dict(preset="gpt-char-tiny", batch_size=32, lr=4e-3, min_lr=4e-4,
 
 def qkv_step(cfg: qkv.ModelConfig, batch: torch.Tensor, precision: str, compile: bool = False):
     """One training step exactly as qkv.train's loop does it (`--compile`: torch.compile)."""
-    from qkv.train.loop import compiled_forward, lm_loss
+    from qkv.train.lm import next_token_loss
     from qkv.train.optim import make_optimizer
 
     model = qkv.Transformer(cfg).train()
-    hidden = compiled_forward(model) if compile else model.hidden_states
+    loss_fn = torch.compile(next_token_loss) if compile else next_token_loss
     optimizer = make_optimizer(model, 1e-4, 0.1, fused=True)
     device = torch.device("cpu")
     x, y = batch[:, :-1], batch[:, 1:]
@@ -72,7 +72,7 @@ def qkv_step(cfg: qkv.ModelConfig, batch: torch.Tensor, precision: str, compile:
     def step() -> None:
         with training_attention(device, precision):
             with autocast(device, precision):
-                loss = lm_loss(model, hidden, x, y)
+                loss = loss_fn(model, x, y)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -104,6 +104,7 @@ def _cli(*args):
                           text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_info_and_version(saved, tmp_path):
     _, _, path = saved
     out = _cli("info", str(path))

@@ -9,22 +9,21 @@ import pytest
 import torch
 
 import qkv
+from conftest import same_weights, tiny_encoder
+from qkv.batching import bucketed_batches
 from qkv.cli import main
+from qkv.data import label_order, read_labelled
 from qkv.errors import InputError
 from qkv.tasks.classify import (
     ClassifySettings,
     accuracy_and_macro_f1,
     finetune_classifier,
-    label_order,
     predict_proba,
-    read_labelled,
     with_classifier,
 )
-from qkv.tasks.common import bucketed_batches, resolve_precision
+from qkv.train import read_log
 
 NOUNS = "film movie plot cast story acting music script ending scene".split()
-
-
 
 
 def reviews(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -42,12 +41,6 @@ def reviews(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
 @pytest.fixture(scope="module")
 def tok() -> qkv.Tokenizer:
     return qkv.Tokenizer.train(reviews(100)[0], kind="wordpiece", vocab_size=100)
-
-
-def tiny_encoder(tok: qkv.Tokenizer, **kw) -> qkv.Transformer:
-    base = dict(family="encoder", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4,
-                max_seq_len=32)
-    return qkv.Transformer(qkv.ModelConfig(**{**base, **kw}))
 
 
 def write_tsv(path, texts, labels, header="sentence\tlabel"):
@@ -143,13 +136,6 @@ def test_bucketed_batches_cover_everything_once():
     assert spread / len(batches) < 5  # rows of a batch have similar lengths
 
 
-def test_precision_choice():
-    assert resolve_precision("auto") in ("bf16", "fp32")
-    assert resolve_precision("fp32") == "fp32"
-    with pytest.raises(InputError, match="precision"):
-        resolve_precision("fp8")
-
-
 # ---------------------------------------------------------------------------- learning
 
 
@@ -174,25 +160,57 @@ def test_decoder_learns_with_last_token_pooling():
     assert result.model.config.pooling == "last"
 
 
-def test_limits_and_label_errors(tok):
-    train = reviews(64)
+def test_a_time_limit_and_a_subset(tok):
     settings = ClassifySettings(**{**FAST, "epochs": 5}, max_train_examples=20, time_limit=0.0)
-    result = finetune_classifier(tiny_encoder(tok), tok, train, None, settings)
+    result = finetune_classifier(tiny_encoder(tok), tok, reviews(64), None, settings)
     assert result.train_examples == 20 and result.stopped_by_time_limit and result.steps == 1
+    assert result.stopped_by == "time limit" and len(result.history) == 1  # evaluated once
+
+
+def test_a_one_step_schedule_does_not_divide_by_zero(tok):
     one_step = finetune_classifier(tiny_encoder(tok), tok, (["good", "bad"], ["1", "0"]), None,
                                    ClassifySettings(**{**FAST, "epochs": 1}))
-    assert one_step.steps == 1  # a one-step schedule (warm-up == total) must not divide by 0
-    with pytest.raises(InputError, match=r"label 'maybe' does not occur .*\(labels: 0, 1\)"):
-        finetune_classifier(tiny_encoder(tok), tok, train, (["hm"], ["maybe"]),
-                            ClassifySettings(**FAST))
-    with pytest.raises(InputError, match="3 label names given"):
-        finetune_classifier(tiny_encoder(tok), tok, train, None,
-                            ClassifySettings(**FAST, label_names=["a", "b", "c"]))
-    with pytest.raises(InputError, match="at least two classes"):
-        finetune_classifier(tiny_encoder(tok), tok, (["a", "b"], ["x", "x"]), None,
-                            ClassifySettings(**FAST))
-    with pytest.raises(InputError, match="no examples"):
-        finetune_classifier(tiny_encoder(tok), tok, ([], []), None, ClassifySettings(**FAST))
+    assert one_step.steps == 1  # warm-up == total
+
+
+@pytest.mark.parametrize(("train", "dev", "options", "message"), [
+    (reviews(64), (["hm"], ["maybe"]), {}, r"label 'maybe' does not occur .*\(labels: 0, 1\)"),
+    (reviews(64), None, {"label_names": ["a", "b", "c"]}, "3 label names given"),
+    ((["a", "b"], ["x", "x"]), None, {}, "at least two classes"),
+    (([], []), None, {}, "no examples"),
+    ((["a"], ["x", "y"]), None, {}, "1 texts but 2 labels"),
+    (reviews(8), None, {"epochs": 0}, "epochs=0 must be at least 1"),
+    (reviews(8), None, {"max_length": 1}, "max-length=1 must be at least 2"),
+    (reviews(8), None, {"lr": 0.0}, "lr=0.0 must be positive"),
+    (reviews(8), None, {"warmup": 1.0}, r"warmup=1.0 must be a fraction in \[0, 1\)"),
+    (reviews(8), None, {"time_limit": -1.0}, "time-limit=-1.0 must be at least 0"),
+    (reviews(8), None, {"precision": "fp8"}, "precision='fp8' is not one of"),
+])
+def test_bad_labels_and_settings_are_one_clear_error(tok, train, dev, options, message):
+    with pytest.raises(InputError, match=message):
+        finetune_classifier(tiny_encoder(tok), tok, train, dev,
+                            ClassifySettings(**{**FAST, **options}))
+
+
+def test_an_interrupted_fine_tuning_resumes_exactly(tok, tmp_path, interrupt_then_resume):
+    train, dev = reviews(96, seed=6), reviews(32, seed=7)
+    base = tiny_encoder(tok, dropout=0.1)  # dropout: the random state must be resumed too
+    settings = ClassifySettings(**{**FAST, "epochs": 2}, eval_every=4)  # 6 steps per epoch
+
+    def run(name, callback=None, resume=False):
+        return finetune_classifier(base, tok, train, dev, settings, tmp_path / name,
+                                   resume=resume, callback=callback)
+
+    def log(name):
+        return [(r["step"], r["train_loss"], r["dev_loss"], r["dev_accuracy"])
+                for r in read_log(tmp_path / name)]
+
+    full, cut, resumed = interrupt_then_resume(run, step=8)  # in the second epoch
+    assert cut.steps == 8 and resumed.steps == full.steps == 12
+    assert [r[0] for r in log("full")] == [4, 6, 8, 12]  # every 4 steps and each epoch's end
+    assert log("cut") == log("full")
+    assert same_weights(resumed.model, full.model)  # the best model, reloaded
+    assert resumed.best_step == full.best_step
 
 
 # ---------------------------------------------------------------------------- the CLI
@@ -215,6 +233,7 @@ def test_cli_finetune_then_classify(tok, tmp_path, capsys):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and {"step", "dev_accuracy", "dev_macro_f1"} <= set(log[0])
+    assert [r["epoch"] for r in log] == [1.0, 2.0, 3.0]  # evaluated at each epoch's end
 
     assert main(["classify", str(out), "the music was good", "the plot was bad"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

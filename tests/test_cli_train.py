@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from qkv.cli import main
+import qkv.cli
+import qkv.errors
+from qkv.cli import build_parser, main
+from qkv.commands._args import parse_duration
 from qkv.data import BUNDLED
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -63,21 +67,55 @@ def test_user_mistakes_are_one_line_and_exit_code_2(workdir, capsys, argv, messa
     (["train", "--lr", "fast"], "'fast' is not a number"),
     (["train", "--precision", "fp8"], "invalid choice: 'fp8'"),
     (["generate", "runs/x", "--top-k", "-3"], "'-3' must be at least 1"),
+    (["classify", "runs/x", "text", "--top-k", "0"], "'0' must be at least 1"),
+    (["fill-mask", "runs/x", "a [MASK]", "--top-k", "0"], "'0' must be at least 1"),
+    (["search", "runs/x", "query", "--top-k", "0"], "'0' must be at least 1"),
+    (["embed", "corpus.txt", "--out", "x", "--batch-size", "0"], "'0' must be at least 1"),
+    (["train", "--device", "gpu"], "device='gpu' is not one of"),
+    (["eval", "runs/x", "--device", "cuda:x"], "device='cuda:x' is not one of"),
+    (["generate", "runs/x", "--device", "tpu"], "device='tpu' is not one of"),
+    (["finetune", "classify", "--model", "m", "--train", "t.tsv", "--out", "o", "--device",
+      "gpu"], "device='gpu' is not one of"),
+    (["finetune", "classify", "--model", "m", "--train", "t.tsv", "--out", "o", "--epochs",
+      "0"], "'0' must be at least 1"),
+    (["finetune", "classify", "--train", "t.tsv"], "the following arguments are required"),
+    (["info"], "the following arguments are required: dir"),
+    (["convert"], "the following arguments are required"),
+    (["no-such-command"], "invalid choice: 'no-such-command'"),
 ])
 def test_bad_flag_values_are_one_line_and_exit_code_2(workdir, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2
     line = one_error_line(capsys)
-    assert line.startswith(f"qkv {argv[0]}: error: ") and message in line
+    prog = "qkv" if argv[0].startswith("no-such") else f"qkv {argv[0]}"
+    assert line.startswith(f"{prog}") and ": error: " in line and message in line
 
 
-def test_time_limits_read_like_people_write_them():
-    from qkv.commands.train import parse_duration
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("90", 90), ("90s", 90), ("5m", 300), ("1h30m", 5400), ("1.5h", 5400), (" 2M ", 120)])
+def test_time_limits_read_like_people_write_them(text, seconds):
+    assert parse_duration(text) == seconds
 
-    assert parse_duration("90") == 90 and parse_duration("90s") == 90
-    assert parse_duration("5m") == 300 and parse_duration("1h30m") == 5400
-    assert parse_duration("1.5h") == 5400
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("0", "positive"), ("0s", "positive"), ("9" * 400, "finite"), ("-5", "not a duration"),
+    ("5 minutes", "not a duration"), ("", "not a duration"), ("1e3", "not a duration")])
+def test_bad_time_limits_are_refused(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("command", [
+    ["train"], ["finetune", "classify", "--model", "m", "--train", "t.tsv", "--out", "o"]])
+def test_every_time_limit_reads_the_same(command, capsys):
+    args = build_parser().parse_args([*command, "--time-limit", "5m"])
+    assert args.time_limit == 300
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args([*command, "--time-limit", "soon"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'soon' is not a duration" in err
 
 
 def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -86,6 +124,7 @@ def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, **kwargs)
 
 
+@pytest.mark.slow
 def test_train_then_generate_then_eval_from_the_command_line(workdir):
     trained = run_cli("train", "--data", "tiny.txt", *TINY, "--max-steps", "6",
                       "--eval-every", "3", "--out", "run", "--sample-tokens", "20")
@@ -106,6 +145,7 @@ def test_train_then_generate_then_eval_from_the_command_line(workdir):
     assert "perplexity" in evaluated.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_prints_the_resume_command(workdir):
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -129,3 +169,27 @@ def test_ctrl_c_saves_and_prints_the_resume_command(workdir):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming run at step {step}" in resumed.stderr
     assert json.loads(Path("run/training/state.json").read_text())["step"] == step + 2
+
+
+@pytest.mark.parametrize("error", [qkv.errors.ConfigError, qkv.errors.CheckpointError,
+                                   qkv.errors.InputError, qkv.errors.TokenizerError,
+                                   qkv.errors.UnsupportedModelError, qkv.errors.PrecisionError])
+def test_every_qkv_error_reaches_the_command_line_as_one_line_and_status_2(
+        workdir, capsys, monkeypatch, error):
+    def fail(args):
+        raise error("the sentence that names the problem")
+
+    monkeypatch.setattr(qkv.cli, "build_parser", _parser_with(fail))
+    assert main(["info", "anything"]) == 2
+    assert one_error_line(capsys) == "qkv info: error: the sentence that names the problem"
+
+
+def _parser_with(func):
+    def build():
+        parser = build_parser()
+        parser.set_defaults(func=func)
+        for action in parser._subparsers._group_actions:  # every subcommand runs `func`
+            for sub in action.choices.values():
+                sub.set_defaults(func=func)
+        return parser
+    return build

@@ -150,3 +150,8 @@ def test_eval_batches_are_fixed_and_spread_over_the_text():
     starts = torch.cat([x[:, 0] for x, _ in a])
     assert len(starts) == 50 and starts[0] == 0 and starts[-1] == 5000 - 11
     assert all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(a, b, strict=True))
+
+
+def test_a_stream_too_short_for_one_window_is_an_input_error():
+    with pytest.raises(InputError, match="10 tokens cannot fill a window of 17"):
+        LMBatches(np.arange(10, dtype=np.uint16), context=16, batch_size=4, seed=0)

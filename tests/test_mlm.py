@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import qkv
+from conftest import tiny_encoder
 from qkv.cli import main
 from qkv.errors import InputError
 from qkv.tasks.mlm import (
@@ -30,18 +31,9 @@ CORPUS = [
 ] * 4
 
 
-
-
 @pytest.fixture(scope="module")
 def tok() -> qkv.Tokenizer:
     return qkv.Tokenizer.train(CORPUS, kind="wordpiece", vocab_size=120)
-
-
-def tiny_encoder(tok: qkv.Tokenizer, **kw) -> qkv.Transformer:
-    base = dict(family="encoder", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4,
-                max_seq_len=32, mask_token_id=tok.mask_id)
-    cfg = qkv.ModelConfig(**{**base, **kw})
-    return qkv.Transformer(cfg)
 
 
 def test_masking_statistics():

@@ -13,8 +13,6 @@ from qkv.tasks.classify import with_classifier
 TEXTS = ["the film was good", "the plot was bad", "a long and winding story about a film"]
 
 
-
-
 @pytest.fixture(scope="module")
 def tok() -> qkv.Tokenizer:
     return qkv.Tokenizer.train(TEXTS * 3, kind="wordpiece", vocab_size=100)
@@ -85,21 +83,25 @@ def test_text_generation_shapes():
                                   for r in many)
 
 
-def test_errors(tok):
-    with pytest.raises(InputError, match="unknown task 'summarize'"):
-        pipeline("summarize", model=(encoder(tok), tok))
-    with pytest.raises(InputError, match="needs a model"):
-        pipeline("sentiment-analysis")
-    with pytest.raises(InputError, match="no classification head"):
-        pipeline("sentiment-analysis", model=(encoder(tok), tok))
-    gpt = qkv.Transformer(qkv.ModelConfig(family="decoder", vocab_size=tok.vocab_size,
-                                          d_model=32, n_layers=1, n_heads=4))
-    with pytest.raises(InputError, match="fill-mask needs an encoder"):
-        pipeline("fill-mask", model=(gpt, tok))
-    with pytest.raises(InputError, match="text-generation needs a decoder model, not an encoder"):
-        pipeline("text-generation", model=(encoder(tok), tok))
+def gpt(tok):
+    return qkv.Transformer(qkv.ModelConfig(family="decoder", vocab_size=tok.vocab_size,
+                                           d_model=32, n_layers=1, n_heads=4))
+
+
+@pytest.mark.parametrize(("task", "model", "message"), [
+    ("summarize", encoder, "unknown task 'summarize'"),
+    ("sentiment-analysis", None, "needs a model"),
+    ("sentiment-analysis", encoder, "no classification head"),
+    ("fill-mask", gpt, "fill-mask needs an encoder"),
+    ("text-generation", encoder, "text-generation needs a decoder model, not an encoder"),
+])
+def test_a_task_the_model_cannot_do_is_refused(tok, task, model, message):
+    with pytest.raises(InputError, match=message):
+        pipeline(task, model=None if model is None else (model(tok), tok))
+
+
+@pytest.mark.parametrize(("inputs", "message"), [([], "empty list"), (["ok", 3], "must be a str")])
+def test_bad_inputs_to_a_pipeline_are_refused(tok, inputs, message):
     clf = pipeline("text-classification", model=(encoder(tok, ["a", "b"]), tok))
-    with pytest.raises(InputError, match="empty list"):
-        clf([])
-    with pytest.raises(InputError, match="must be a str"):
-        clf(["ok", 3])
+    with pytest.raises(InputError, match=message):
+        clf(inputs)

@@ -23,8 +23,6 @@ CAPTIONS = [
 ]
 
 
-
-
 def tiny(seed: int, d_model: int = 32) -> tuple[qkv.Transformer, qkv.Tokenizer]:
     tok = qkv.Tokenizer.train(CAPTIONS * 3, kind="wordpiece", vocab_size=150)
     torch.manual_seed(seed)

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qkv
+from conftest import interrupt_at, losses, same_weights
 from qkv import CheckpointError, ConfigError
 from qkv.data import BUNDLED
 from qkv.train import TrainConfig, read_log, train
 from qkv.train.checkpoint import find_training_checkpoint, save_training_checkpoint
-from qkv.train.hardware import cpu_has_bf16, resolve_device, resolve_precision
 from qkv.train.optim import (
     load_optimizer_tensors,
     lr_at,
@@ -42,15 +42,6 @@ def tiny(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
                    device="cpu", progress=False, seed=0, cache_dir=str(tmp_path / "cache"),
                    dropout=0.1, threads=1)  # dropout: the random state must be resumed too
     return TrainConfig(**{**options, **overrides})
-
-
-def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def losses(run: Path) -> list[tuple[int, float, float | None]]:
-    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in read_log(run)]
 
 
 def test_learning_rate_warms_up_then_decays_by_cosine():
@@ -97,26 +88,22 @@ def test_optimizer_state_round_trips_through_safetensors(tmp_path):
     assert same_weights(model, copy)
 
 
-def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path):
-    full = train(tiny(tmp_path, "full"))
-    assert full.step == 20 and full.stopped_by is None
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path,
+                                                                interrupt_then_resume):
+    def run(name, callback=None, resume=False):
+        return train(tiny(tmp_path, name), resume=resume, callback=callback)
 
-    def interrupt(record):  # Ctrl-C at step 10 (not an evaluation step)
-        if record["step"] == 10:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    cut = train(tiny(tmp_path, "cut"), callback=interrupt)
-    assert cut.stopped_by == "SIGINT" and cut.step == 10
+    full, cut, resumed = interrupt_then_resume(run, step=10)  # not an evaluation step
+    assert full.step == 20 and full.stopped_by is None and cut.step == 10
     state = json.loads((tmp_path / "cut" / "training" / "state.json").read_text())
-    assert state["step"] == 10 and state["sampler"]["drawn"] == 10
-
-    resumed = train(tiny(tmp_path, "cut"), resume=True)
+    assert state["step"] == 20 and state["sampler"]["drawn"] == 20  # the resumed run's
     assert resumed.step == 20
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # every step, 1..20
     assert same_weights(resumed.model, full.model)
     assert resumed.best_val_loss == full.best_val_loss
 
 
+@pytest.mark.slow
 def test_sigkill_in_the_middle_of_a_checkpoint_keeps_the_previous_one(tmp_path):
     cfg = tiny(tmp_path, "killed")
     script = (
@@ -208,22 +195,35 @@ def test_a_failing_torch_compile_falls_back_with_one_warning(tmp_path, monkeypat
                    "training without it"]
 
 
-def test_device_and_precision_choices():
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if cpu_has_bf16()
-                                                               else "fp32")
-    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
-    with pytest.raises(ConfigError, match="precision"):
-        resolve_precision("fp8", torch.device("cpu"))
-    with pytest.raises(ConfigError, match="device"):
-        resolve_device("tpu")
-    with pytest.raises(ConfigError, match="batch_size"):
-        TrainConfig(batch_size=0)
-    with pytest.raises(ConfigError, match="max_steps or time_limit"):
-        TrainConfig(max_steps=None)
+@pytest.mark.parametrize(("options", "message"), [
+    ({"batch_size": 0}, "batch_size=0 must be a positive whole number"),
+    ({"max_steps": None}, "max_steps or time_limit"),
+    ({"precision": "fp8"}, "precision='fp8' is not one of"),
+    ({"device": "tpu"}, "device='tpu' is not one of"),
+    ({"time_limit": 0.0}, "time_limit=0.0 must be a positive number"),
+    ({"warmup_steps": -1}, "warmup_steps=-1 cannot be negative"),
+    ({"lr": 0.0}, "lr=0.0 must be positive"),
+])
+def test_bad_training_settings_name_the_field(options, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**options)
 
 
 def test_a_bpe_run_tokenizes_with_its_own_vocabulary(tmp_path):
     result = train(tiny(tmp_path, tokenizer="bpe", vocab_size=300, max_steps=2, eval_every=2))
     assert result.tokenizer.kind == "bpe" and result.model.config.vocab_size == 300
     assert list((tmp_path / "cache").glob("tokens-*.uint16.bin"))
+
+
+def test_a_checkpoint_written_before_objectives_still_resumes(tmp_path):
+    cut = train(tiny(tmp_path, "cut"), callback=interrupt_at(10))
+    state_path = tmp_path / "cut" / "training" / "state.json"
+    state = json.loads(state_path.read_text())
+    best = state.pop("best")["val_loss"]
+    state.update(tokens_seen=state.pop("seen"), best_val_loss=best)
+    del state["best_step"]
+    state_path.write_text(json.dumps(state))  # the state.json of qkv before the Objective
+    resumed = train(tiny(tmp_path, "cut"), resume=True)
+    train(tiny(tmp_path, "full"))
+    assert cut.stopped_by == "SIGINT" and resumed.step == 20
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")

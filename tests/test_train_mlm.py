@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 import qkv
+from conftest import losses, same_weights
 from qkv import ConfigError
 from qkv.cli import main
 from qkv.data import BUNDLED
-from qkv.tasks.mlm import masked_positions
-from qkv.train import TrainConfig, read_log, train
-from qkv.train.loop import evaluate, lm_loss
+from qkv.tasks.mlm import masked_lm_loss, masked_lm_objective, masked_positions
+from qkv.train import TrainConfig, read_log
+from qkv.train import train as train_lm
+from qkv.train.lm import mean_loss
 
 TEXT = BUNDLED.read_text(encoding="utf-8")[:30_000]
 
@@ -35,8 +35,9 @@ def tiny_bert(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
     return TrainConfig(**{**options, **overrides})
 
 
-def losses(run: Path) -> list[tuple[int, float, float | None]]:
-    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in read_log(run)]
+def train(cfg: TrainConfig, **options):
+    """`qkv train --family encoder`: the loop with the masked-LM objective."""
+    return train_lm(cfg, objective=masked_lm_objective, **options)
 
 
 def test_masked_lm_training_learns_and_saves_a_loadable_bert(tmp_path):
@@ -63,7 +64,8 @@ def test_validation_loss_counts_only_the_masked_positions():
     with torch.no_grad():
         logits = model.eval()(x)
     expected = torch.nn.functional.cross_entropy(logits[y != -100], y[y != -100]).item()
-    assert evaluate(model, [(x, y)], torch.device("cpu")) == pytest.approx(expected, rel=1e-5)
+    assert mean_loss(model, [(x, y)], masked_lm_loss, torch.device("cpu")) == \
+        pytest.approx(expected, rel=1e-5)
 
 
 def test_the_training_loss_sees_only_masked_positions_in_a_few_shapes():
@@ -83,30 +85,24 @@ def test_the_training_loss_sees_only_masked_positions_in_a_few_shapes():
             {int((~picked.flatten()).int().argmax())}  # the padding: one unmasked position
         logits = model(x)
         expected = torch.nn.functional.cross_entropy(logits[picked], x[picked])
-        assert lm_loss(model, model.hidden_states, x, y).item() == pytest.approx(
+        assert masked_lm_loss(model, x, y).item() == pytest.approx(
             expected.item(), rel=1e-5)
     assert counts == {64}  # ~19 of 128 masked: always padded to one shape
     everything = torch.arange(100) % 50  # no position without a target: nothing to pad with
     assert torch.equal(masked_positions(everything), torch.arange(100))
 
 
-def test_an_interrupted_masked_lm_run_resumes_exactly(tmp_path):
-    full = train(tiny_bert(tmp_path, "full"))
+def test_an_interrupted_masked_lm_run_resumes_exactly(tmp_path, interrupt_then_resume):
+    def run(name, callback=None, resume=False):
+        return train(tiny_bert(tmp_path, name), resume=resume, callback=callback)
 
-    def interrupt(record):  # Ctrl-C at step 5 (not an evaluation step)
-        if record["step"] == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    cut = train(tiny_bert(tmp_path, "cut"), callback=interrupt)
-    assert cut.stopped_by == "SIGINT" and cut.step == 5
+    full, cut, resumed = interrupt_then_resume(run, step=5)  # not an evaluation step
+    assert cut.step == 5
     state = json.loads((tmp_path / "cut" / "training" / "state.json").read_text())
-    assert state["sampler"]["drawn"] == 5 and state["sampler"]["batches"]["drawn"] == 5
-
-    resumed = train(tiny_bert(tmp_path, "cut"), resume=True)
+    assert state["sampler"]["drawn"] == 10 and state["sampler"]["batches"]["drawn"] == 10
     assert resumed.step == 10
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # every step, 1..10
-    a, b = resumed.model.state_dict(), full.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(resumed.model, full.model)
 
 
 def test_a_preset_of_the_other_family_or_a_tokenizer_without_mask_is_a_clear_error(tmp_path):
@@ -133,3 +129,8 @@ def test_the_command_line_trains_a_bert_and_fills_in_a_mask(tmp_path, monkeypatc
     assert code == 0
     assert "--- fill-mask: " in out and "[MASK]" in out and "next: qkv fill-mask bert" in out
     assert json.loads(Path("bert/config.json").read_text())["family"] == "encoder"
+
+
+def test_an_encoder_is_never_trained_by_next_token_prediction(tmp_path):
+    with pytest.raises(ConfigError, match="pass objective=qkv.tasks.mlm.masked_lm_objective"):
+        train_lm(tiny_bert(tmp_path))  # the default objective is next-token prediction

@@ -14,6 +14,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     InputError,
+    PrecisionError,
     QkvError,
     TokenizerError,
     UnsupportedModelError,
@@ -26,7 +27,8 @@ from .quantize import quantize_int8
 from .tokenizer import Tokenizer
 
 __all__ = [
-    "CheckpointError", "ConfigError", "InputError", "ModelConfig", "QkvError", "Tokenizer",
-    "TokenizerError", "Transformer", "UnsupportedModelError", "__version__", "attention", "load",
-    "generate", "pipeline", "presets", "quantize_int8", "record_attention", "save",
+    "CheckpointError", "ConfigError", "InputError", "ModelConfig", "PrecisionError", "QkvError",
+    "Tokenizer", "TokenizerError", "Transformer", "UnsupportedModelError", "__version__",
+    "attention", "generate", "load", "pipeline", "presets", "quantize_int8", "record_attention",
+    "save",
 ]

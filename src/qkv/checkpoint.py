@@ -12,22 +12,28 @@ so a process killed mid-write leaves the previous file intact, never half of a n
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, InputError
-from .io import atomic_write_safetensors, atomic_write_text  # noqa: F401 (re-exported)
+from .hf import load_hf, save_hf
+from .hub import resolve
+from .io import (
+    CONFIG,
+    TOKENIZER,
+    WEIGHTS,
+    atomic_write_safetensors,
+    read_config_json,
+    read_safetensors,
+)
 from .model import Transformer, upgrade_state_dict
+from .quantize import is_quantized
+from .tokenizer import Tokenizer
 
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
-
-CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+__all__ = ["CONFIG", "TOKENIZER", "WEIGHTS", "is_model_dir", "load", "load_weights",
+           "read_config_json", "read_safetensors", "save", "save_weights"]
 
 
 def save_weights(model: torch.nn.Module, path: Path, tied: dict[str, str] | None = None,
@@ -36,16 +42,6 @@ def save_weights(model: torch.nn.Module, path: Path, tied: dict[str, str] | None
     tied = tied or {}
     tensors = {k: v for k, v in model.state_dict().items() if k not in tied}
     atomic_write_safetensors(path, tensors, metadata)
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for truncated files
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
 def load_weights(model: Transformer, path: Path) -> None:
@@ -73,8 +69,6 @@ def save(model: Transformer, tokenizer: Tokenizer | None, path: str | Path,
     """Write a model directory. format="hf" writes a Hugging Face directory instead."""
     path = Path(path)
     if format == "hf":
-        from .hf import save_hf
-
         _refuse_quantized(model)
         save_hf(model, tokenizer, path)
         return path
@@ -93,33 +87,14 @@ def is_model_dir(path: str | Path) -> bool:
     return (Path(path) / CONFIG).is_file()
 
 
-def read_config_json(path: Path) -> dict:
-    file = Path(path) / CONFIG
-    if not Path(path).is_dir():
-        raise CheckpointError(f"{path} is not a directory")
-    if not file.is_file():
-        raise CheckpointError(f"{path} is not a model directory (it has no {CONFIG})")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} must hold a JSON object")
-    return data
-
-
 def load(path: str | Path, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
     """Load a qkv model directory, or a Hugging Face one, as (model, tokenizer or None)."""
     path = Path(path)
     if not path.exists():
-        from .hub import resolve
-
         path = resolve(str(path))
     data = read_config_json(path)
     if "model_type" in data:  # a Hugging Face checkpoint
-        from .hf import load_hf
-
         model, tokenizer = load_hf(path)
     else:
         try:
@@ -130,16 +105,12 @@ def load(path: str | Path, device: str | torch.device = "cpu",
         load_weights(model, path / WEIGHTS)
         tokenizer = None
         if (path / TOKENIZER).is_file():
-            from .tokenizer import Tokenizer
-
             tokenizer = Tokenizer.load(path / TOKENIZER)
     model.to(device=device, dtype=dtype).eval()
     return model, tokenizer
 
 
 def _refuse_quantized(model: Transformer) -> None:
-    from .quantize import is_quantized
-
     if is_quantized(model):
         raise InputError("this model has int8 weights (qkv.quantize_int8), which are for "
                          "inference only; save the float model it was made from")

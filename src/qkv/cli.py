@@ -1,8 +1,9 @@
 """The `qkv` command. Each subcommand lives in its own module under `qkv/commands/`.
 
 A subcommand module defines `ORDER` (its place in `qkv --help`) and `register(subparsers)`, which
-adds its parser and sets `func(args) -> int`. User mistakes (any QkvError) print one line and exit
-with status 2; Ctrl-C exits with 130.
+adds its parser and sets `func(args) -> int`. Shared argument types live in `commands/_args.py`.
+User mistakes (a bad flag, or any QkvError) print one line and exit with status 2; Ctrl-C exits
+with 130.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import importlib
 import pkgutil
 import sys
 
-from . import __version__, commands
+from . import commands
+from ._version import __version__
+from .commands._args import one_line_errors
 from .errors import QkvError
 
 EPILOG = """examples:
@@ -33,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qkv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = [importlib.import_module(f"{commands.__name__}.{m.name}")
-               for m in pkgutil.iter_modules(commands.__path__)]
+               for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")]
     for module in sorted(modules, key=lambda m: getattr(m, "ORDER", 100)):
         module.register(sub)
+    one_line_errors(parser)  # every parser: one line and exit status 2
     return parser
 
 

@@ -18,34 +18,16 @@ not the result:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
+from tqdm import tqdm
 
+from .batching import evaluating, model_device, pad_id, pad_rows
 from .errors import InputError
+from .hardware import autocast, resolve_precision
 from .model import Transformer, pool
-
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bf16 matrices natively: a CUDA GPU that supports bf16, or a
-    CPU with AMX or AVX512-BF16 instructions (read from /proc/cpuinfo, so Linux only)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+from .tokenizer import Tokenizer
 
 
 def encode_sentences(
@@ -64,12 +46,12 @@ def encode_sentences(
     max_length: longer texts are cut to this many tokens (default: config.embed_max_len, the
         sentence-transformers limit of a model loaded from one, else max_seq_len).
     precision: "bf16" (autocast; fast on CPUs with AMX and on GPUs), "fp32" (exact), or "auto"
-        (bf16 where :func:`fast_bf16` says the hardware has it, else fp32).
+        (bf16 where :func:`qkv.hardware.fast_bf16` says the hardware has it, else fp32).
     """
     if isinstance(texts, str):
         raise InputError("texts must be a list of strings, not one string; wrap it: [text]")
-    if precision not in PRECISIONS:
-        raise InputError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    device = model_device(model)
+    precision = resolve_precision(precision, device)
     if batch_size < 1:
         raise InputError(f"batch_size={batch_size} must be at least 1")
     texts = list(texts)
@@ -79,38 +61,20 @@ def encode_sentences(
     max_length = min(max_length or cfg.embed_max_len or cfg.max_seq_len, cfg.max_seq_len)
     ids = tokenizer.encode_batch(texts, truncation=True, max_length=max_length)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)  # longest first
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (cfg.pad_token_id or 0)
-    device = next(model.parameters()).device
-    if precision == "auto":
-        precision = "bf16" if fast_bf16(device) else "fp32"
+    pad = pad_id(tokenizer)
     normalize = cfg.normalize_embeddings if normalize is None else normalize
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
 
     starts = range(0, len(order), batch_size)
     if progress:
-        from tqdm import tqdm
-
         starts = tqdm(starts, desc="embedding", unit="batch")
     out = torch.empty(len(texts), cfg.d_model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), autocast:
-            for start in starts:
-                rows = order[start:start + batch_size]
-                longest = len(ids[rows[0]])
-                batch = torch.full((len(rows), longest), pad, dtype=torch.long)  # (B, T)
-                mask = torch.zeros(len(rows), longest, dtype=torch.bool)
-                for r, i in enumerate(rows):
-                    batch[r, :len(ids[i])] = torch.tensor(ids[i])
-                    mask[r, :len(ids[i])] = True
-                batch, mask = batch.to(device), mask.to(device)
-                h = model.hidden_states(batch, mask).float()  # (B, T, d)
-                v = pool(h, mask, cfg.pooling)  # (B, d)
-                if normalize:
-                    v = torch.nn.functional.normalize(v, dim=-1)
-                out[rows] = v.cpu()
-    finally:
-        model.train(was_training)
+    with evaluating(model), autocast(device, precision):
+        for start in starts:
+            rows = order[start:start + batch_size]
+            batch, mask = pad_rows([ids[i] for i in rows], pad, device=device)  # (B, T) each
+            h = model.hidden_states(batch, mask.bool()).float()  # (B, T, d)
+            v = pool(h, mask.bool(), cfg.pooling)  # (B, d)
+            if normalize:
+                v = torch.nn.functional.normalize(v, dim=-1)
+            out[rows] = v.cpu()
     return out

@@ -24,6 +24,12 @@ class InputError(QkvError, ValueError):
     """Input data is unusable: token ids out of range, a sequence too long, empty or binary text."""
 
 
+class PrecisionError(ConfigError, InputError):
+    """A number format (precision) that qkv does not know, or that the device cannot compute
+    (bf16 on Apple's mps). A setting of a run (ConfigError) as much as an argument of a call
+    (InputError): code that catches either one sees it."""
+
+
 class TokenizerError(QkvError):
     """A tokenizer cannot be trained, loaded or used as asked."""
 

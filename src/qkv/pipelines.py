@@ -27,8 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .embeddings import encode_sentences
 from .errors import InputError
-from .tasks.common import load_model, resolve_precision
+from .generate import generate
+from .hardware import resolve_precision
+from .tasks.classify import predict_proba
+from .tasks.common import load_model
+from .tasks.mlm import fill_mask_batch
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -85,6 +90,10 @@ class Pipeline:
     def check(self) -> None:
         """Raise InputError if the model cannot do this task."""
 
+    def __call__(self, inputs: Any, **options: Any) -> Any:
+        """Run the task on a string or a list of strings (each subclass does its task)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(task={self.task!r}, family={self.model.config.family}, "
                 f"precision={self.precision})")
@@ -118,7 +127,6 @@ class TextClassificationPipeline(Pipeline):
         A single string gives [result]; a list gives one result per text (with top_k=1 the
         result is a dict, otherwise a list of dicts).
         """
-        from .tasks.classify import predict_proba
 
         texts, single = _texts(inputs)
         labels = self.model.config.labels
@@ -150,7 +158,6 @@ class FillMaskPipeline(Pipeline):
         """For one text with one [MASK]: a list of top_k {"token", "token_str", "score",
         "sequence"}; with several [MASK]s: one such list per [MASK]. A list of texts gives one
         such result per text."""
-        from .tasks.mlm import fill_mask_batch
 
         texts, single = _texts(inputs)
         results = fill_mask_batch(self.model, self.tokenizer, texts, top_k, self.batch_size)
@@ -164,7 +171,6 @@ class FeatureExtractionPipeline(Pipeline):
     def __call__(self, inputs: str | Sequence[str],
                  normalize: bool | None = None) -> torch.Tensor:
         """A (d_model,) tensor for a string, (N, d_model) for a list of strings."""
-        from .embeddings import encode_sentences
 
         texts, single = _texts(inputs)
         vectors = encode_sentences(self.model, self.tokenizer, texts,
@@ -189,7 +195,6 @@ class TextGenerationPipeline(Pipeline):
 
         return_full_text: the prompt followed by its continuation (True), or the continuation.
         """
-        from .generate import generate
 
         prompts, single = _texts(inputs, "prompt")
         new = generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,

@@ -6,6 +6,10 @@ import argparse
 import json
 import sys
 
+from ..errors import InputError
+from ..pipelines import pipeline
+from ._args import positive_int
+
 ORDER = 42
 
 
@@ -22,24 +26,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", help="model directory with a classification head")
     p.add_argument("texts", nargs="+", metavar="TEXT",
                    help="texts to classify; - reads one text per line from standard input")
-    p.add_argument("--top-k", type=int, default=1, help="labels to show per text (default 1)")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per batch (default 32)")
+    p.add_argument("--top-k", type=positive_int, default=1,
+                   help="labels to show per text (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="texts per batch (default 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object per text")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import InputError
-    from ..pipelines import pipeline
-
     texts = []
     for t in args.texts:
         texts += [line for line in sys.stdin.read().splitlines() if line.strip()] if t == "-" \
             else [t]
     if not texts:
         raise InputError("no text to classify")
-    if args.top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {args.top_k}")
     clf = pipeline("text-classification", model=args.dir, batch_size=args.batch_size)
     results = clf(texts, top_k=args.top_k)
     for text, result in zip(texts, results, strict=True):

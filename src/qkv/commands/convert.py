@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..checkpoint import load, read_config_json, save
+from ..errors import InputError
+from ..hub import resolve
+from .info import describe
+
 ORDER = 80
 
 
@@ -30,11 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load, read_config_json, save
-    from ..errors import InputError
-    from ..hub import resolve
-    from .info import describe
-
     src = Path(args.src)
     if not src.exists():
         src = resolve(args.src)

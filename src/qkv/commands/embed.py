@@ -7,6 +7,12 @@ import json
 import time
 from pathlib import Path
 
+from ..errors import CheckpointError
+from ..hub import packaged_minilm_path
+from ..tasks.common import load_model
+from ..tasks.search import DEFAULT_MODEL, SearchIndex, build_index, query_index, read_corpus
+from ._args import positive_int
+
 ORDER = 46
 
 EMBED_EPILOG = """examples:
@@ -31,9 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, help="index directory to write")
     e.add_argument("--model", default=None,
                    help="encoder directory or name (default: all-MiniLM-L6-v2)")
-    e.add_argument("--passage-words", type=int, default=120,
+    e.add_argument("--passage-words", type=positive_int, default=120,
                    help="words per passage for folders (default 120)")
-    e.add_argument("--batch-size", type=int, default=64, help="texts per batch (default 64)")
+    e.add_argument("--batch-size", type=positive_int, default=64,
+                   help="texts per batch (default 64)")
     e.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="bf16 autocast where supported (default auto)")
     e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
@@ -50,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("index", help="index directory written by qkv embed")
     s.add_argument("queries", nargs="+", metavar="QUERY", help="one or more queries")
-    s.add_argument("--top-k", type=int, default=3, help="passages per query (default 3)")
+    s.add_argument("--top-k", type=positive_int, default=3, help="passages per query (default 3)")
     s.add_argument("--model", default=None,
                    help="query model (default: the one the index was built with)")
     s.add_argument("--json", action="store_true", help="print one JSON object per query")
@@ -58,11 +65,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_encoder(name: str | None):
-    from ..errors import CheckpointError
-    from ..hub import packaged_minilm_path
-    from ..tasks.common import load_model
-    from ..tasks.search import DEFAULT_MODEL
-
     if name is None:
         if packaged_minilm_path() is None:
             raise CheckpointError(f"the default model {DEFAULT_MODEL} is not installed; run "
@@ -73,8 +75,6 @@ def _load_encoder(name: str | None):
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from ..tasks.search import build_index, read_corpus
-
     passages = read_corpus(args.corpus, args.passage_words)
     name, model, tokenizer = _load_encoder(args.model)
     t0 = time.perf_counter()
@@ -90,11 +90,6 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from ..errors import InputError
-    from ..tasks.search import SearchIndex, query_index
-
-    if args.top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {args.top_k}")
     index = SearchIndex.load(args.index)
     name = args.model
     if name is None:

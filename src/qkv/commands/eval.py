@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
+import tempfile
+from pathlib import Path
 
-from .train import _one_line_errors, _positive_int
+from ..checkpoint import load
+from ..data import corpus_files, eval_batches, fingerprint, tokenize_corpus
+from ..errors import InputError
+from ..hardware import resolve_device, resolve_precision, set_threads
+from ..train import evaluate
+from ._args import device, positive_int
 
 ORDER = 30
 
@@ -22,31 +30,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  qkv eval runs/gpt --data books/ --max-windows 2000 --precision bf16",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _one_line_errors(p)
     p.add_argument("dir", help="model directory with tokenizer.json")
     p.add_argument("metric", nargs="?", default="perplexity", choices=("perplexity",),
                    help="what to measure (default perplexity)")
     p.add_argument("--data", metavar="PATH",
                    help="UTF-8 text file or folder (default: the bundled tiny Shakespeare)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
-    p.add_argument("--max-windows", type=_positive_int, default=1000, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
+    p.add_argument("--max-windows", type=positive_int, default=1000, metavar="N",
                    help="evaluate at most N windows, spread evenly over the text")
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--device", type=device, default="cpu", metavar="DEVICE",
+                   help="auto, cpu (default), cuda, cuda:N or mps")
     p.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp32"))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import math
-    import tempfile
-    from pathlib import Path
-
-    from ..checkpoint import load
-    from ..data import corpus_files, eval_batches, fingerprint, tokenize_corpus
-    from ..errors import InputError
-    from ..train import evaluate
-    from ..train.hardware import resolve_device, resolve_precision, set_threads
-
     device = resolve_device(args.device)
     set_threads()  # one thread per idle CPU
     precision = resolve_precision(args.precision, device)

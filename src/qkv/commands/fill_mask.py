@@ -7,6 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+from ..checkpoint import read_config_json
+from ..hub import resolve
+from ..pipelines import pipeline
+from ..tasks.mlm import fill_mask
+from ._args import positive_int
+
 ORDER = 44
 
 
@@ -21,15 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dir", help="encoder model directory (with its tokenizer)")
     p.add_argument("text", help="text with one or more [MASK] tokens")
-    p.add_argument("--top-k", type=int, default=5, help="candidates per [MASK] (default 5)")
+    p.add_argument("--top-k", type=positive_int, default=5,
+                   help="candidates per [MASK] (default 5)")
     p.add_argument("--json", action="store_true", help="print the candidates as JSON")
     p.set_defaults(func=run)
 
 
 def _has_trained_mlm_head(path: str) -> bool:
     """False for a Hugging Face checkpoint saved without its masked-LM head (e.g. BertModel)."""
-    from ..checkpoint import read_config_json
-    from ..hub import resolve
 
     folder = Path(path) if Path(path).exists() else resolve(path)
     raw = read_config_json(folder)
@@ -39,9 +44,6 @@ def _has_trained_mlm_head(path: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipelines import pipeline
-    from ..tasks.mlm import fill_mask
-
     fill = pipeline("fill-mask", model=args.dir)
     if not _has_trained_mlm_head(args.dir):
         print(f"qkv fill-mask: warning: {args.dir} has no trained masked-LM head (its "

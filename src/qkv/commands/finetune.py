@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 
-ORDER = 30
+from ..hardware import resolve_device
+from ..tasks.classify import ClassifySettings, finetune_classify_files
+from ._args import device, parse_duration, positive_float, positive_int
+
+ORDER = 40
 
 CLASSIFY_EPILOG = """examples:
   qkv finetune classify --model all-MiniLM-L6-v2 --train benchmarks/data/sst2/train.tsv \\
@@ -15,7 +21,8 @@ CLASSIFY_EPILOG = """examples:
 
 Files: .tsv (GLUE style, no quoting), .csv or .jsonl, with a header row (.tsv/.csv). The class
 names are the distinct labels, sorted (numerically if they are all integers); --label-names
-renames them in that order. The best model on the dev set is saved to --out."""
+renames them in that order. The best model on the dev set is saved to --out. Ctrl-C saves a
+checkpoint; the same command with --resume continues exactly."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,25 +52,32 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: label)")
     c.add_argument("--label-names", help="comma-separated class names for the sorted labels, "
                    "e.g. negative,positive for 0,1")
-    c.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
-    c.add_argument("--batch-size", type=int, default=32, help="texts per step (default 32)")
-    c.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
+    c.add_argument("--epochs", type=positive_int, default=3,
+                   help="passes over the data (default 3)")
+    c.add_argument("--batch-size", type=positive_int, default=32,
+                   help="texts per step (default 32)")
+    c.add_argument("--lr", type=positive_float, default=5e-5,
+                   help="peak learning rate (default 5e-5)")
     c.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     c.add_argument("--warmup", type=float, default=0.06,
                    help="fraction of steps for the linear warm-up (default 0.06)")
-    c.add_argument("--max-length", type=int, default=128,
+    c.add_argument("--max-length", type=positive_int, default=128,
                    help="tokens per text; longer texts are cut (default 128)")
-    c.add_argument("--max-train-examples", type=int,
+    c.add_argument("--max-train-examples", type=positive_int,
                    help="train on a random subset of this many examples")
-    c.add_argument("--time-limit", type=float,
-                   help="stop after this many seconds (then evaluate and keep the best)")
-    c.add_argument("--eval-every", type=int, help="also evaluate every N steps")
+    c.add_argument("--time-limit", type=parse_duration, metavar="TIME",
+                   help="stop after this long, e.g. 90s, 5m, 1h (then evaluate, keep the best)")
+    c.add_argument("--eval-every", type=positive_int, help="also evaluate every N steps")
     c.add_argument("--pooling", choices=["mean", "cls", "last", "max", "pooler"],
                    help="text vector for the head (default: the model's own; last for decoders)")
     c.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="bf16 autocast where the CPU/GPU supports it (default auto)")
-    c.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    c.add_argument("--device", type=device, default="cpu", metavar="DEVICE",
+                   help="auto, cpu (default), cuda, cuda:N or mps")
+    c.add_argument("--compile", action="store_true", help="use torch.compile")
     c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out exactly (repeat its other flags)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=run_classify)
     p.set_defaults(func=lambda args: _no_task(p))
@@ -75,17 +89,20 @@ def _no_task(parser: argparse.ArgumentParser) -> int:
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    from ..tasks.classify import ClassifySettings, finetune_classify_files
-
     names = [n.strip() for n in args.label_names.split(",")] if args.label_names else None
     settings = ClassifySettings(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup=args.warmup, max_length=args.max_length,
         max_train_examples=args.max_train_examples, time_limit=args.time_limit,
         precision=args.precision, eval_every=args.eval_every, pooling=args.pooling,
-        label_names=names, seed=args.seed, progress=not args.no_progress)
+        label_names=names, seed=args.seed, compile=args.compile, progress=not args.no_progress)
     result = finetune_classify_files(args.model, args.train, args.dev, args.out,
-                                     args.text_column, args.label_column, settings, args.device)
+                                     args.text_column, args.label_column, settings,
+                                     str(resolve_device(args.device)), resume=args.resume)
+    if result.stopped_by in ("SIGINT", "SIGTERM"):
+        print(f"qkv finetune: stopped at step {result.steps}; resume with the same command and "
+              f"--resume (--out {shlex.quote(str(result.out))})", file=sys.stderr)
+        return 130 if result.stopped_by == "SIGINT" else 143
     summary = {k: v for k, v in result.summary().items() if k != "history"}
     print(f"best {result.evaluated_on} accuracy {result.best_accuracy:.4f} "
           f"(macro-F1 {result.best_macro_f1:.4f}) at step {result.best_step}; "

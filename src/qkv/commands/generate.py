@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .train import _one_line_errors, _positive_int
+import torch
+
+from ..checkpoint import load
+from ..errors import InputError
+from ..generate import generate
+from ..hardware import resolve_device, set_threads
+from ..quantize import quantize_int8
+from ._args import device, positive_int
 
 ORDER = 20
 
@@ -25,14 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  qkv generate runs/gpt --prompt \"ROMEO:\" --dtype int8   int8 weights: fastest on a CPU",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _one_line_errors(p)
     p.add_argument("dir", help="model directory (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="text to continue (repeat for a batch; default: a new line)")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T",
                    help="0 = greedy; < 1 safer, > 1 wilder (default 0.8)")
-    p.add_argument("--top-k", type=_positive_int, metavar="K",
+    p.add_argument("--top-k", type=positive_int, metavar="K",
                    help="sample only among the K most likely tokens")
     p.add_argument("--top-p", type=float, metavar="P",
                    help="sample only among the most likely tokens that make up probability P")
@@ -43,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep the end of a prompt longer than the context (else an error)")
     p.add_argument("--on-full", choices=("slide", "stop"), default="slide",
                    help="when the context is full: slide the window (default) or stop")
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--device", type=device, default="cpu", metavar="DEVICE",
+                   help="auto, cpu (default), cuda, cuda:N or mps")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "int8"),
                    help="weights' number format: bf16 halves the memory read per token; int8 "
                    "(CPU) quarters it and decodes ~2.5x faster than fp32 (see qkv.quantize)")
@@ -51,13 +58,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..checkpoint import load
-    from ..errors import InputError
-    from ..generate import generate
-    from ..train.hardware import resolve_device, set_threads
-
     device = resolve_device(args.device)
     set_threads()  # one thread per idle CPU
     if args.dtype == "int8" and device.type != "cpu":
@@ -65,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     model, tokenizer = load(args.dir, device=device, dtype=dtype)
     if args.dtype == "int8":
-        from ..quantize import quantize_int8
-
         quantize_int8(model)
     elif args.dtype == "bf16" and device.type == "cpu":
         from ..quantize import use_matrix_vector
@@ -90,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         text = generate(model, tokenizer, prompts[0], stream=show, **options)
         if not shown:
             print(prompts[0], end="")
-        if not (prompts[0] + text).endswith("\n"):
+        if not (prompts[0] + str(text)).endswith("\n"):
             print()
         return 0
     texts = generate(model, tokenizer, prompts, **options)

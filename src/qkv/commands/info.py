@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from ..checkpoint import load, read_config_json
+from ..hub import resolve
 
 ORDER = 90
 
@@ -30,11 +34,7 @@ def describe(model, source: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load, read_config_json
-    from ..hub import resolve
-
     path = args.dir
-    from pathlib import Path
 
     if not Path(path).exists():
         path = resolve(path)

@@ -4,9 +4,16 @@ or with --family encoder, pre-train a BERT by masked language modelling, then fi
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import sys
+from pathlib import Path
+
+from ..data import corpus_files
+from ..generate import generate
+from ..tasks.mlm import fill_mask, masked_lm_objective
+from ..train import TrainConfig, next_token_objective, train
+from ..train.checkpoint import find_training_checkpoint, read_state
+from ._args import device, parse_duration, positive_float, positive_int
 
 ORDER = 10
 
@@ -34,14 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # only the flags given appear in args
     )
-    _one_line_errors(p)
     data = p.add_argument_group("data")
     data.add_argument("--data", metavar="PATH",
                       help="UTF-8 text file or folder of files (default: tiny Shakespeare)")
     data.add_argument("--tokenizer", choices=("char", "bpe", "wordpiece"),
                       help="char (default): one token per character; bpe: byte-level BPE; "
                       "wordpiece (default of an encoder): BERT's, with a [MASK] token")
-    data.add_argument("--vocab-size", type=_positive_int, metavar="N",
+    data.add_argument("--vocab-size", type=positive_int, metavar="N",
                       help="vocabulary size of a bpe or wordpiece tokenizer (default 8000)")
     data.add_argument("--val-fraction", type=float, metavar="F",
                       help="fraction held out for validation (default 0.1, the end of the text)")
@@ -54,22 +60,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--preset", metavar="NAME",
                        help="model preset (default gpt-char-small, or bert-tiny for an encoder; "
                        "see qkv.presets.names())")
-    model.add_argument("--n-layers", type=_positive_int, metavar="N")
-    model.add_argument("--d-model", type=_positive_int, metavar="N")
-    model.add_argument("--n-heads", type=_positive_int, metavar="N")
-    model.add_argument("--context", type=_positive_int, metavar="N",
+    model.add_argument("--n-layers", type=positive_int, metavar="N")
+    model.add_argument("--d-model", type=positive_int, metavar="N")
+    model.add_argument("--n-heads", type=positive_int, metavar="N")
+    model.add_argument("--context", type=positive_int, metavar="N",
                        help="context length in tokens (the model's max_seq_len)")
     model.add_argument("--dropout", type=float, metavar="P")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--max-steps", type=_positive_int, metavar="N",
+    opt.add_argument("--max-steps", type=positive_int, metavar="N",
                      help="number of updates (default 500)")
     opt.add_argument("--time-limit", type=parse_duration, metavar="TIME",
                      help="stop after this long, e.g. 90s, 5m, 1h; alone, the learning-rate "
                      "schedule is fitted to the time")
-    opt.add_argument("--batch-size", type=_positive_int, metavar="N")
-    opt.add_argument("--grad-accum", type=_positive_int, metavar="N",
+    opt.add_argument("--batch-size", type=positive_int, metavar="N")
+    opt.add_argument("--grad-accum", type=positive_int, metavar="N",
                      help="micro-batches per update (gradient accumulation)")
-    opt.add_argument("--lr", type=_positive_float, metavar="LR",
+    opt.add_argument("--lr", type=positive_float, metavar="LR",
                      help="peak learning rate (default 2e-3 for a decoder, 1e-3 for an encoder)")
     opt.add_argument("--min-lr", type=float, metavar="LR",
                      help="final learning rate of the cosine decay (default lr/10)")
@@ -84,16 +90,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="continue the run in --out from its last checkpoint")
     run_.add_argument("--overwrite", action="store_true",
                       help="start afresh in an --out that already holds a run")
-    run_.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
+    run_.add_argument("--device", type=device, metavar="DEVICE",
+                      help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     run_.add_argument("--precision", choices=("auto", "bf16", "fp32"),
                       help="auto (default): bf16 where the hardware has it, else fp32")
     run_.add_argument("--compile", action="store_true", help="use torch.compile")
     run_.add_argument("--seed", type=int)
-    run_.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads")
-    run_.add_argument("--eval-every", type=_positive_int, metavar="N")
-    run_.add_argument("--eval-windows", type=_positive_int, metavar="N",
+    run_.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads")
+    run_.add_argument("--eval-every", type=positive_int, metavar="N")
+    run_.add_argument("--eval-windows", type=positive_int, metavar="N",
                       help="validation windows per evaluation (default 500)")
-    run_.add_argument("--log-every", type=_positive_int, metavar="N")
+    run_.add_argument("--log-every", type=positive_int, metavar="N")
     run_.add_argument("--no-progress", action="store_true", help="no progress bar")
     run_.add_argument("--sample-tokens", type=int, metavar="N",
                       help="tokens of the sample printed at the end (default 300; 0: none)")
@@ -102,12 +109,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ..generate import generate
-    from ..train import TrainConfig, train
-    from ..train.checkpoint import find_training_checkpoint, read_state
-
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     resume = given.pop("resume", False)
     overwrite = given.pop("overwrite", False)
@@ -125,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig(**given, progress=progress)
 
-    result = train(cfg, resume=resume, overwrite=overwrite)
+    objective = masked_lm_objective if cfg.family == "encoder" else next_token_objective
+    result = train(cfg, resume=resume, overwrite=overwrite, objective=objective)
     out = shlex.quote(str(result.out))
     if result.stopped_by in ("SIGINT", "SIGTERM"):
         print(f"qkv train: stopped at step {result.step}; resume with:\n"
@@ -145,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         text = generate(result.model, result.tokenizer, prompt, max_new_tokens=sample_tokens,
                         temperature=0.8, seed=cfg.seed,
                         stream=lambda piece: print(piece, end="", flush=True))
-        if not text.endswith("\n"):
+        if not str(text).endswith("\n"):
             print()
         print("---")
     print(f"next: qkv generate {out} --prompt \"ROMEO:\"")
@@ -154,8 +156,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_fill_mask(result, cfg) -> None:
     """A fill-mask example: a line of the held-out end of the text with one word masked."""
-    from ..data import corpus_files
-    from ..tasks.mlm import fill_mask
 
     with open(corpus_files(cfg.data)[-1], "rb") as f:  # the last few kilobytes only
         f.seek(max(0, f.seek(0, 2) - 8192))
@@ -171,48 +171,3 @@ def _print_fill_mask(result, cfg) -> None:
     for guess in fill_mask(result.model, result.tokenizer, text, top_k=5)[0]:
         print(f"  {guess['score']:.4f}  {guess['token_str']}")
     print("---")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in "90", "90s", "5m", "1.5h", "1h30m"."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    clean = text.strip().lower()
-    parts = re.fullmatch(r"((\d+(\.\d*)?|\.\d+)([smhd]?))+", clean)
-    if not clean or parts is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 5m or 1h30m")
-    seconds = sum(float(number) * units[unit or "s"]
-                  for number, _, unit in re.findall(r"(\d+(\.\d*)?|\.\d+)([smhd]?)", clean))
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive duration")
-    return seconds
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
-
-
-def _one_line_errors(parser: argparse.ArgumentParser) -> None:
-    """A bad flag value prints one line ("qkv train: error: ...") and exits with status 2,
-    like every other user mistake, instead of argparse's usage block."""
-
-    def error(message: str):
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    parser.error = error  # type: ignore[method-assign]

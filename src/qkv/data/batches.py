@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import InputError
+
 
 def windows(tokens: np.ndarray, starts: np.ndarray, context: int) -> tuple[torch.Tensor,
                                                                            torch.Tensor]:
@@ -37,7 +39,7 @@ class LMBatches:
 
     def __init__(self, tokens: np.ndarray, context: int, batch_size: int, seed: int = 0):
         if len(tokens) < context + 1:
-            raise ValueError(f"{len(tokens)} tokens cannot fill a window of {context + 1}")
+            raise InputError(f"{len(tokens)} tokens cannot fill a window of {context + 1}")
         self.tokens, self.context, self.batch_size = tokens, context, batch_size
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.drawn = 0

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
+from tqdm import tqdm
 
 from ..errors import InputError
 from ..io import atomic_write
@@ -40,7 +42,7 @@ def fit_tokenizer(files: list[Path], kind: str = "char", vocab_size: int | None 
     cached = cache_dir / f"tokenizer-{key}.json" if cache_dir is not None else None
     if cached is not None and cached.is_file():
         return Tokenizer.load(cached)
-    tokenizer = Tokenizer.train(text_chunks(files), kind=kind, vocab_size=vocab_size)
+    tokenizer = Tokenizer.train(text_chunks(files), kind=cast(Any, kind), vocab_size=vocab_size)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(cached)
@@ -152,7 +154,6 @@ class _NoBar:
 def _progress_bar(total_bytes: int, progress: bool):
     if not progress or total_bytes < 32 << 20:  # only worth showing for large corpora
         return _NoBar()
-    from tqdm import tqdm
 
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing")
 

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CONFIG, read_config_json
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, QkvError, UnsupportedModelError
-from ..io import atomic_write_safetensors, atomic_write_text
+from ..io import CONFIG, atomic_write_safetensors, atomic_write_text, read_config_json
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import bart, bert, gpt2, llama, marian

@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, UnsupportedModelError
+from ..io import WEIGHTS, read_safetensors
 
-WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 
@@ -234,12 +233,7 @@ def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path} has no weights file ({WEIGHTS} or {INDEX})")
 
 
-def _read_file(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
+_read_file = read_safetensors
 
 
 def _read_shards(path: Path) -> dict[str, torch.Tensor]:

@@ -15,23 +15,25 @@ PyTorch's "ignore this position".
     mlm_batch(texts, tokenizer)   -> {"input_ids", "attention_mask", "labels"}
     mlm_loss(model, batch)        -> scalar loss
     MLMBatches(lm_batches, tok)   -> (masked x, labels) for a next-token training loop
+    masked_lm_objective           -> the objective of `qkv train --family encoder`
     fill_mask(model, tokenizer, "Paris is the [MASK] of France.")
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.nn import functional as F
 
+from ..batching import evaluating, model_device, pad_id, pad_rows
+from ..data import LMBatches, eval_batches
 from ..errors import InputError
-from .common import evaluating, model_device, pad_batch, pad_id_of
-
-if TYPE_CHECKING:
-    from ..model import Transformer
-    from ..tokenizer import Tokenizer
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+from ..train import LMData, Objective
+from ..train.lm import loss_objective
 
 #: The label of a position that takes no part in the loss (torch's cross_entropy default).
 IGNORE_INDEX = -100
@@ -123,14 +125,16 @@ def mlm_batch(
     """
     if len(examples) == 0:
         raise InputError("cannot make a masked-LM batch from an empty list")
+    rows: list[list[int]]
     if isinstance(examples[0], str):
-        rows = tokenizer.encode_batch(list(examples), truncation=max_length is not None,
-                                      max_length=max_length)["input_ids"]
+        rows = tokenizer.encode_batch([str(e) for e in examples], truncation=max_length
+                                      is not None, max_length=max_length)["input_ids"]
     else:
-        rows = [list(r)[:max_length] if max_length else list(r) for r in examples]
+        rows = [[int(i) for i in r][:max_length] if max_length else [int(i) for i in r]
+                for r in examples]
     if any(len(r) == 0 for r in rows):
         raise InputError("cannot mask an empty sequence")
-    ids, attention = pad_batch(rows, pad_id_of(tokenizer), device)
+    ids, attention = pad_rows(rows, pad_id(tokenizer), device=device)
     masked, labels = mask_tokens(ids, tokenizer, mlm_probability=mlm_probability,
                                  attention_mask=attention, generator=generator)
     return {"input_ids": masked, "attention_mask": attention, "labels": labels}
@@ -164,6 +168,24 @@ def masked_logits(model: Transformer, h: torch.Tensor,
     labels = labels.flatten()
     index = masked_positions(labels)
     return model.logits(h.flatten(0, 1)[index]).float(), labels[index]
+
+
+def masked_lm_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor,
+                   reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy at the masked positions: inputs x (B, T), labels y (B, T), -100 elsewhere."""
+    h = model.hidden_states(x)  # (B, T, d)
+    return F.cross_entropy(*masked_logits(model, h, y), reduction=reduction)
+
+
+def masked_lm_objective(model: Transformer, data: LMData) -> Objective:
+    """Masked language modelling (a BERT) on windows of the training stream: 15% of the tokens
+    of every window are hidden (`MLMBatches`), the validation windows are masked once."""
+    cfg = data.cfg
+    windows = LMBatches(data.train_ids, data.context, cfg.batch_size, seed=cfg.seed)
+    val = eval_batches(data.val_ids, data.context, cfg.batch_size, cfg.eval_windows)
+    return loss_objective(MLMBatches(windows, data.tokenizer, seed=cfg.seed),
+                          mask_fixed_batches(val, data.tokenizer, seed=cfg.seed),
+                          masked_lm_loss, data.device, data.precision)
 
 
 def mlm_loss(model: Transformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -209,8 +231,9 @@ class MLMBatches:
                  mask_id: int | None = None, vocab_size: int | None = None, seed: int = 0):
         self.batches = batches
         self.iterator = iter(batches)
-        self.options = dict(mlm_probability=mlm_probability, special_ids=special_ids,
-                            mask_id=mask_id, vocab_size=vocab_size)
+        self.options: dict[str, Any] = dict(
+            mlm_probability=mlm_probability, special_ids=special_ids, mask_id=mask_id,
+            vocab_size=vocab_size)
         self.tokenizer, self.seed, self.drawn = tokenizer, seed, 0
 
     def __iter__(self) -> MLMBatches:
@@ -283,7 +306,7 @@ def fill_mask_batch(model: Transformer, tokenizer: Tokenizer, texts: Sequence[st
     with evaluating(model):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start: start + batch_size]
-            ids, attention = pad_batch(chunk, pad_id_of(tokenizer), device)
+            ids, attention = pad_rows(chunk, pad_id(tokenizer), device=device)
             h = model.encode(ids, attention)  # (B, T, d)
             where = ids == mask_id  # (B, T)
             logits = model.logits(h[where]).float()  # (M, vocab), masks in reading order

@@ -11,7 +11,6 @@ product, so exact search over the whole index is one matrix product; that is fas
 millions of passages on a CPU.
 
 An index directory:
-
     embeddings.safetensors   "embeddings": the matrix E, (count, dims), fp32 or fp16, rows of
                              length 1; "probe": the vector of a fixed sentence (fp32), by which
                              the index recognises the model that made it
@@ -30,8 +29,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 
+from .._version import __version__
+from ..batching import model_device
+from ..embeddings import encode_sentences
 from ..errors import CheckpointError, InputError
-from .common import model_device, resolve_precision
+from ..hardware import resolve_precision
+from ..io import atomic_write_safetensors, atomic_write_text
 
 if TYPE_CHECKING:
     from ..model import Transformer
@@ -51,7 +54,6 @@ def embed_texts(model: Transformer, tokenizer: Tokenizer, texts: Sequence[str],
                 batch_size: int = 64, precision: str = "auto",
                 progress: bool = False) -> torch.Tensor:
     """Unit-length sentence vectors (N, d_model), float32, in the order of `texts`."""
-    from ..embeddings import encode_sentences
 
     return encode_sentences(model, tokenizer, list(texts), batch_size=batch_size,
                             precision=resolve_precision(precision, model_device(model)),
@@ -151,8 +153,6 @@ class SearchIndex:
 
     def save(self, path: str | Path, dtype: str = "fp32") -> Path:
         """Write the index directory (atomically, file by file). dtype "fp16" halves its size."""
-        from .. import __version__
-        from ..io import atomic_write_safetensors, atomic_write_text
 
         if dtype not in ("fp32", "fp16"):
             raise InputError(f"index dtype {dtype!r} is not one of fp32, fp16")

@@ -1,12 +1,24 @@
-"""Training: the loop, the optimizer and its schedule, precision, checkpoint and resume.
+"""Training: one loop for every objective, its optimizer and schedule, checkpoint and resume.
 
     from qkv.train import TrainConfig, train
     result = train(TrainConfig(data="my.txt", max_steps=1000, out="runs/mine"))
     result.best_val_loss, result.model, result.tokenizer
     train(TrainConfig(out="runs/mine", max_steps=2000), resume=True)   # continue exactly
+
+    train/objective.py   Objective: batches, loss, evaluation, the metric that picks the best
+    train/loop.py        fit(model, optimizer, objective, loop, out): the loop
+    train/lm.py          train(cfg): pre-training a language model (the recipe around fit)
+    train/optim.py       AdamW groups, the learning-rate schedules, optimizer state on disk
+    train/checkpoint.py  the atomic training/ folder; train/log.py: log.jsonl, progress, signals
 """
 
 from .config import TrainConfig
-from .loop import TrainResult, evaluate, read_log, train
+from .lm import LMData, TrainResult, evaluate, next_token_loss, next_token_objective, train
+from .log import read_log
+from .loop import FitResult, LoopConfig, fit
+from .objective import Objective
+from .optim import Schedule, make_optimizer
 
-__all__ = ["TrainConfig", "TrainResult", "evaluate", "read_log", "train"]
+__all__ = ["FitResult", "LMData", "LoopConfig", "Objective", "Schedule", "TrainConfig",
+           "TrainResult", "evaluate", "fit", "make_optimizer", "next_token_loss",
+           "next_token_objective", "read_log", "train"]

@@ -105,6 +105,10 @@ def read_state(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not readable ({e})") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a qkv training state")
+    if "seen" not in state and "tokens_seen" in state:  # written before the loop took objectives
+        best = state.get("best_val_loss")
+        state.update(seen=state["tokens_seen"], best_step=0,
+                     best=None if best is None else {"val_loss": best})
     return state
 
 
@@ -125,7 +129,7 @@ def is_run_dir(out: Path) -> bool:
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     """The states of torch's random generators, as JSON-safe strings."""
-    state = {"torch": _b64(torch.get_rng_state())}
+    state: dict[str, Any] = {"torch": _b64(torch.get_rng_state())}
     if device.type == "cuda":
         state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return state

@@ -10,9 +10,10 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .. import presets
 from ..errors import ConfigError
-from .hardware import DEVICES, PRECISIONS
+from ..hardware import PRECISIONS, check_device_name
+from ..presets import get as get_preset
+from ..presets import names as preset_names
 
 TOKENIZERS = ("char", "bpe", "wordpiece")
 FAMILIES = ("decoder", "encoder")
@@ -115,7 +116,7 @@ class TrainConfig:
 
     @property
     def final_lr(self) -> float:
-        return self.min_lr if self.min_lr is not None else self.lr / 10
+        return self.min_lr if self.min_lr is not None else (self.lr or 0.0) / 10
 
     def validate(self) -> None:
         if self.tokenizer not in TOKENIZERS:
@@ -124,19 +125,21 @@ class TrainConfig:
         if self.family == "encoder" and self.tokenizer != "wordpiece":
             raise ConfigError(f"masked-LM training needs a [MASK] token and the {self.tokenizer} "
                               "tokenizer has none; use --tokenizer wordpiece")
-        if self.preset in presets.names():
-            preset_family = presets.get(self.preset).family
+        if self.preset in preset_names():
+            preset_family = get_preset(self.preset).family
             if preset_family != self.family:
                 hint = (f"pass --family {preset_family}, or " if preset_family in FAMILIES
                         else "")
                 raise ConfigError(f"preset {self.preset!r} has family {preset_family}, not "
                                   f"{self.family}; {hint}choose a preset of family "
                                   f"{self.family}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device={self.device!r} is not one of {', '.join(DEVICES)}")
+        check_device_name(self.device)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r} is not one of "
                               f"{', '.join(PRECISIONS)}")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
         positive = ["batch_size", "grad_accum", "eval_every", "eval_windows", "log_every"]
         optional_positive = ["vocab_size", "n_layers", "d_model", "n_heads", "context",
                              "max_steps", "threads"]
@@ -146,11 +149,12 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive whole number")
-        if self.warmup_steps < 0:
+        lr, warmup = self.lr or 0.0, self.warmup_steps or 0  # set by __post_init__
+        if warmup < 0:
             raise ConfigError(f"warmup_steps={self.warmup_steps} cannot be negative")
-        if not self.lr > 0:
+        if not lr > 0:
             raise ConfigError(f"lr={self.lr} must be positive")
-        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+        if self.min_lr is not None and not 0 <= self.min_lr <= lr:
             raise ConfigError(f"min_lr={self.min_lr} must be between 0 and lr={self.lr}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction={self.val_fraction} must be between 0 and 1")

@@ -1,30 +1,29 @@
-"""The training loop of a GPT-style language model (or, with family="encoder", of a BERT-style
-masked language model), written out in one place.
+"""The training loop, written out once for every objective.
 
-    1. hardware     device, number format (bf16 / fp32), threads
-    2. data         corpus -> tokenizer -> token ids (cached) -> train / validation split
-    3. model        a preset + overrides, sized to the tokenizer's vocabulary
-    4. optimizer    AdamW, warm-up + cosine learning rate
-    5. resume       weights, optimizer moments, step, random states, data position
-    6. loop         for each update:  batch -> forward -> loss -> backward -> clip -> step
+    fit(model, optimizer, objective, loop, out)
+
+    1. resume       weights, optimizer moments, step, random states, data position (or a fresh
+                    run directory)
+    2. loop         for each update:  grad_accum x (batch -> forward -> loss -> backward)
+                                      -> clip -> step, at the scheduled learning rate
                     every log_every:   a line in log.jsonl and the progress bar
-                    every eval_every:  validation loss; best model kept; checkpoint written
-    7. finish       a last evaluation and checkpoint
+                    every eval_every (and where the objective says): evaluate; the best model
+                    is kept; a checkpoint is written
+    3. finish       a last evaluation and checkpoint
 
-Ctrl-C (SIGINT) and SIGTERM do not kill the run: the loop finishes its step, writes a checkpoint,
-and returns; `train(cfg, resume=True)` then continues exactly, with the very losses an
-uninterrupted run would have had.
+What is learned comes from the Objective (train/objective.py): batches, a loss, an evaluation
+and the metric that picks the best model. The loop never looks at the model's family or the
+task. Ctrl-C (SIGINT) and SIGTERM do not kill the run: the loop finishes its step, writes a
+checkpoint and returns; `fit(..., resume=True)` then continues exactly, with the very losses an
+uninterrupted run would have had. Without `out`, nothing is written and the best weights are
+kept in memory.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,24 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .. import __version__, presets
-from ..checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_weights, save_weights
-from ..config import ModelConfig
-from ..data import (
-    LMBatches,
-    corpus_files,
-    eval_batches,
-    fingerprint,
-    fit_tokenizer,
-    split,
-    tokenize_corpus,
-)
-from ..errors import CheckpointError, ConfigError
-from ..model import Transformer
-from ..tasks.mlm import MLMBatches, mask_fixed_batches, masked_logits
-from ..tokenizer import Tokenizer
+from .._version import __version__
+from ..batching import evaluating
+from ..checkpoint import WEIGHTS, load_weights, save_weights
+from ..errors import CheckpointError
+from ..hardware import autocast, training_attention
 from .checkpoint import (
     find_training_checkpoint,
     read_optimizer,
@@ -58,420 +45,255 @@ from .checkpoint import (
     save_training_checkpoint,
     set_rng_state,
 )
-from .config import TrainConfig
-from .hardware import (
-    autocast,
-    resolve_device,
-    resolve_precision,
-    set_threads,
-    training_attention,
-)
-from .optim import load_optimizer_tensors, lr_at, make_optimizer, optimizer_tensors, set_lr
-
-LOG = "log.jsonl"
-CALIBRATION_STEPS = 12  # with a time limit and no max_steps, time this many updates first
+from .log import LOG, ProgressBar, StopRequest, append_log, printer, truncate_log
+from .objective import Objective
+from .optim import Schedule, fit_schedule, load_optimizer_tensors, optimizer_tensors, set_lr
 
 
 @dataclass
-class TrainResult:
-    """What a run did. `stopped_by` is "SIGINT"/"SIGTERM"/"time limit", or None if it ran to
-    max_steps; `history` holds this process's log lines."""
+class LoopConfig:
+    """How the loop runs (what it learns is the Objective).
 
-    out: Path
-    model: Transformer
-    tokenizer: Tokenizer
+    max_steps=None with a time_limit (seconds) fits the schedule to the time; an evaluation
+    then counts as about `eval_cost` updates. log_every=None writes a log line only at each
+    evaluation. `name` labels the messages ("qkv NAME: ...")."""
+
+    max_steps: int | None
+    schedule: Schedule
+    time_limit: float | None = None
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    eval_every: int | None = None
+    log_every: int | None = None
+    eval_cost: float = 0.0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"
+    compile: bool = False
+    progress: bool = True
+    name: str = "train"
+
+
+@dataclass
+class FitResult:
+    """What fit did. `stopped_by` is "SIGINT"/"SIGTERM"/"time limit", or None if it ran to
+    max_steps; `metrics` is the last evaluation, `best` the best one (at `best_step`);
+    `best_state` holds the best weights when there was no run directory to save them in."""
+
     step: int
     max_steps: int
     train_loss: float | None
-    val_loss: float | None
-    best_val_loss: float | None
-    tokens_per_s: float
+    metrics: dict[str, float] | None
+    best: dict[str, float] | None
+    best_step: int
+    per_s: float
     elapsed: float
-    precision: str
-    stopped_by: str | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_by: str | None
+    history: list[dict[str, Any]]
+    best_state: dict[str, torch.Tensor] | None = None
 
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
-          callback: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """Train (or with `resume`, continue training) the language model that `cfg` describes.
+def fit(model: Any, optimizer: torch.optim.Optimizer, objective: Objective, loop: LoopConfig,
+        out: str | Path | None = None, resume: bool = False, extra_state: dict[str, Any] | None
+        = None, callback: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+    """Train `model` with `optimizer` on `objective` (see the module docstring).
 
-    The run directory `cfg.out_dir` receives the best model (config.json, model.safetensors,
-    tokenizer.json), log.jsonl and training/ (the state to resume from). `callback`, if given,
-    receives every log record (a dict) as it is written.
-    """
-    threads = torch.get_num_threads()
-    try:
-        return _train(cfg, resume, overwrite, callback)
-    finally:
-        torch.set_num_threads(threads)  # `cfg.threads` is for this run only
+    `out` receives log.jsonl, the best weights (model.safetensors) and training/ (the state to
+    resume from, with `extra_state` added to its state.json); `callback` receives every log
+    record as it is written."""
+    return _Fit(model, optimizer, objective, loop, Path(out) if out is not None else None,
+                extra_state or {}, callback).run(resume)
 
 
-def _train(cfg: TrainConfig, resume: bool, overwrite: bool,
-           callback: Callable[[dict[str, Any]], None] | None) -> TrainResult:
-    out = Path(cfg.out_dir)
-    say = _printer(cfg.progress)
+class _Fit:
+    """The state of one call of fit; `run` is the loop."""
 
-    # ---- 1. hardware ------------------------------------------------------------------------
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
+    def __init__(self, model: Any, optimizer: torch.optim.Optimizer, objective: Objective,
+                 loop: LoopConfig, out: Path | None, extra_state: dict[str, Any],
+                 callback: Callable[[dict[str, Any]], None] | None) -> None:
+        self.model, self.optimizer, self.objective, self.loop = model, optimizer, objective, loop
+        self.out, self.extra_state, self.callback = out, extra_state, callback
+        self.names = {id(p): name for name, p in model.named_parameters()}
+        self.step, self.seen, self.elapsed, self.max_steps = 0, 0, 0.0, loop.max_steps
+        self.best: dict[str, float] | None = None  # the metrics of the best model (at best_step)
+        self.metrics: dict[str, float] | None = None  # of the last evaluation
+        self.best_step, self.history = 0, []
+        self.best_state: dict[str, torch.Tensor] | None = None
 
-    # ---- 2. data ----------------------------------------------------------------------------
-    folder = find_training_checkpoint(out)
-    if resume and folder is None:
-        raise CheckpointError(f"{out} holds no training checkpoint to resume from "
-                              f"(no {out / 'training' / 'state.json'})")
-    if not resume and not overwrite and (folder is not None or (out / WEIGHTS).exists()):
-        raise ConfigError(f"{out} already holds a trained model; resume it with --resume, "
-                          "or pick another --out (or pass --overwrite)")
-    state = read_state(folder) if resume else None
-
-    files = corpus_files(cfg.data)
-    corpus_hash = fingerprint(files)  # also checks the files are UTF-8 text and not empty
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out.resolve().parent / ".qkv-cache"
-    if resume:
-        tokenizer = Tokenizer.load(out / TOKENIZER)
-        if state["data"]["corpus_sha256"] != corpus_hash:
-            say(f"warning: the data differs from the checkpoint's ({cfg.data or 'bundled'}); "
-                "training goes on with the new data", warning=True)
-    else:
-        tokenizer = fit_tokenizer(files, cfg.tokenizer, cfg.vocab_size, cache_dir, corpus_hash)
-    tokens = tokenize_corpus(files, tokenizer, cache_dir, corpus_hash, progress=cfg.progress)
-
-    # ---- 3. model ---------------------------------------------------------------------------
-    if resume:
-        model_cfg = ModelConfig.from_json(out / CONFIG)
-    else:
-        model_cfg = presets.get(cfg.preset, vocab_size=tokenizer.vocab_size,
-                                **cfg.model_overrides())
-    if model_cfg.family != cfg.family:
-        raise ConfigError(f"the model in {out} has family {model_cfg.family}, not {cfg.family}")
-    context = model_cfg.max_seq_len
-    train_ids, val_ids = split(tokens, cfg.val_fraction, context)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * context
-
-    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
-    model = Transformer(model_cfg)
-    if resume:
-        load_weights(model, folder / WEIGHTS)
-    model.to(device).train()
-
-    # ---- 4. optimizer and data stream --------------------------------------------------------
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                               fused=device.type in ("cpu", "cuda"))  # one kernel, not dozens
-    names = {id(p): name for name, p in model.named_parameters()}
-    batches = LMBatches(train_ids, context, cfg.batch_size, seed=cfg.seed)
-    val_batches = eval_batches(val_ids, context, cfg.batch_size, cfg.eval_windows)
-    if cfg.family == "encoder":  # masked LM: the labels are -100 except at the hidden tokens
-        batches = MLMBatches(batches, tokenizer, seed=cfg.seed)
-        val_batches = mask_fixed_batches(val_batches, tokenizer, seed=cfg.seed)
-    hidden = (_compiled(model, val_batches[0], device, precision) if cfg.compile
-              else model.hidden_states)  # tokens (B, T) -> last layer's vectors (B, T, d)
-
-    # ---- 5. resume, or start a fresh run directory -------------------------------------------
-    step, best, elapsed_before, tokens_seen = 0, math.inf, 0.0, 0
-    max_steps = cfg.max_steps
-    if resume:
-        load_optimizer_tensors(optimizer, names, *read_optimizer(folder))
-        batches.load_state_dict(state["sampler"])
+    # ---- 1. resume, or start a fresh run directory ---------------------------------------------
+    def resume(self) -> None:
+        folder = find_training_checkpoint(self.out) if self.out is not None else None
+        if self.out is None or folder is None:
+            raise CheckpointError(f"{self.out} holds no training checkpoint to resume from")
+        state = read_state(folder)
+        load_weights(self.model, folder / WEIGHTS)
+        load_optimizer_tensors(self.optimizer, self.names, *read_optimizer(folder))
+        self.objective.batches.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
-        step, elapsed_before = state["step"], state["elapsed"]
-        tokens_seen = state["tokens_seen"]
-        best = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
-        if max_steps is None and cfg.time_limit is None:
-            max_steps = state["max_steps"]
-        _truncate_log(out / LOG, step)  # lines an interrupted run wrote after its checkpoint
-        say(f"resuming {out} at step {step}")
-    else:  # a fresh run: nothing of an overwritten one may be resumed or loaded
-        out.mkdir(parents=True, exist_ok=True)
+        self.step, self.elapsed, self.seen = state["step"], state["elapsed"], state["seen"]
+        self.best, self.best_step = state["best"], state["best_step"]
+        if self.max_steps is None and self.loop.time_limit is None:
+            self.max_steps = state["max_steps"]
+        truncate_log(self.out / LOG, self.step)  # lines written after the checkpoint
+
+    def fresh(self) -> None:
+        """Nothing of an earlier run in `out` may be resumed or loaded."""
+        if self.out is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
         for old in ("training", "training.old", "training.tmp"):
-            shutil.rmtree(out / old, ignore_errors=True)
-        (out / WEIGHTS).unlink(missing_ok=True)
-        (out / LOG).unlink(missing_ok=True)
-        model_cfg.to_json(out / CONFIG)
-        tokenizer.save(out / TOKENIZER)
-        n = model.num_parameters()
-        say(f"training a {n / 1e6:.2f}M-parameter {cfg.preset} on {len(train_ids):,} tokens "
-            f"({tokenizer.kind} tokenizer, {tokenizer.vocab_size} ids) on {device.type} "
-            f"({precision}, {threads} thread{'s' if threads > 1 else ''}); run dir {out}")
+            shutil.rmtree(self.out / old, ignore_errors=True)
+        (self.out / WEIGHTS).unlink(missing_ok=True)
+        (self.out / LOG).unlink(missing_ok=True)
 
-    def checkpoint() -> None:
-        if not (out / WEIGHTS).exists():  # no evaluation yet: the current model is the best
-            save_weights(model, out / WEIGHTS, model.tied_weights())
-        save_training_checkpoint(out, model, optimizer_tensors(optimizer, names), {
-            "step": step, "max_steps": max_steps, "best_val_loss": None if best == math.inf
-            else best, "elapsed": elapsed, "tokens_seen": tokens_seen,
-            "sampler": batches.state_dict(), "rng": rng_state(device),
-            "config": cfg.to_dict(), "precision": precision, "qkv_version": __version__,
-            "data": {"corpus_sha256": corpus_hash, "files": [str(f) for f in files],
-                     "train_tokens": len(train_ids), "val_tokens": len(val_ids)},
-        })
+    def checkpoint(self) -> None:
+        if self.out is None:
+            return
+        if not (self.out / WEIGHTS).exists():  # no evaluation yet: the current model is best
+            save_weights(self.model, self.out / WEIGHTS, self.model.tied_weights())
+        save_training_checkpoint(self.out, self.model,
+                                 optimizer_tensors(self.optimizer, self.names), {
+            "step": self.step, "max_steps": self.max_steps, "best": self.best,
+            "best_step": self.best_step, "elapsed": self.elapsed, "seen": self.seen,
+            "sampler": self.objective.batches.state_dict(), "rng": rng_state(self.loop.device),
+            "precision": self.loop.precision, "qkv_version": __version__, **self.extra_state})
 
-    # ---- 6. the loop ------------------------------------------------------------------------
-    history: list[dict[str, Any]] = []
-    stopped_by, train_loss, val_loss, tok_s = None, None, None, 0.0
-    loss_sum, losses_counted = torch.zeros((), device=device), 0
-    start = time.perf_counter()
-    elapsed = elapsed_before
-    bar = _ProgressBar(cfg.progress, step, max_steps)
-    first_step, last_log_time, last_log_step, calibration_start = step, start, step, None
-    with _StopRequest() as stop:
-        while max_steps is None or step < max_steps:
-            lr = lr_at(step, cfg.lr, cfg.final_lr, cfg.warmup_steps, max_steps or 10**12)
-            set_lr(optimizer, lr)
+    # ---- 2. the loop ----------------------------------------------------------------------------
+    def run(self, resume: bool) -> FitResult:
+        loop, objective = self.loop, self.objective
+        self.resume() if resume else self.fresh()
+        loss_fn = self.compiled_loss() if loop.compile else objective.loss
+        loss_sum, counted = torch.zeros((), device=loop.device), 0
+        start = last_log_time = time.perf_counter()
+        elapsed_before, first_step, last_log_step = self.elapsed, self.step, self.step
+        last_log_seen = self.seen
+        calibration: tuple[int, float] | None = None
+        stopped_by, train_loss, per_s, evaluated = None, None, 0.0, False
+        self.bar = ProgressBar(loop.progress, self.step, self.max_steps,
+                               "training" if loop.name == "train" else loop.name,
+                               {"tokens": "tok", "examples": "ex"}.get(objective.unit,
+                                                                       objective.unit))
+        with StopRequest(loop.name) as stop:
+            while self.max_steps is None or self.step < self.max_steps:
+                lr = loop.schedule.at(self.step, self.max_steps or 10**12)
+                set_lr(self.optimizer, lr)
+                for _ in range(loop.grad_accum):  # their gradients add up
+                    loss = self.forward_backward(loss_fn, next(objective.batches))
+                    loss_sum += loss.detach()
+                    counted += 1
+                if loop.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), loop.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
 
-            # One update = grad_accum micro-batches whose gradients add up.
-            for _ in range(cfg.grad_accum):
-                x, y = next(batches)  # (B, T) inputs and (B, T) next-token (or masked) targets
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with training_attention(device, precision):
-                    with autocast(device, precision):
-                        loss = lm_loss(model, hidden, x, y)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach()
-                losses_counted += 1
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
+                now = time.perf_counter()
+                self.elapsed = elapsed_before + (now - start)
+                out_of_time = loop.time_limit is not None and now - start >= loop.time_limit
+                if self.max_steps is None:  # time-limited: fit the schedule to the time, once
+                    more, calibration = fit_schedule(self.step - first_step, now - start,
+                                                     loop.time_limit or 0.0, loop.eval_cost,
+                                                     loop.eval_every, calibration)
+                    self.max_steps = None if more is None else first_step + more
+                last = self.step == self.max_steps or out_of_time or stop.signal is not None
+                evaluated = self.eval_due() or (last and stop.signal is None)
+                if not (evaluated or last or (loop.log_every and self.step % loop.log_every == 0)):
+                    continue
 
-            now = time.perf_counter()
-            elapsed = elapsed_before + (now - start)
-            out_of_time = cfg.time_limit is not None and now - start >= cfg.time_limit
-            if max_steps is None:  # time-limited: fit the schedule to the time, once
-                max_steps, calibration_start = _fit_schedule(
-                    cfg, step - first_step, now - start, calibration_start)
-                max_steps = None if max_steps is None else first_step + max_steps
-            last = step == max_steps or out_of_time or stop.signal is not None
-            evaluate_now = step % cfg.eval_every == 0 or (last and stop.signal is None)
-            if step % cfg.log_every and not evaluate_now and not last:
-                continue
+                train_loss = loss_sum.item() / counted
+                loss_sum.zero_()
+                counted = 0
+                per_s = (self.seen - last_log_seen) / max(now - last_log_time, 1e-9)
+                self.report(train_loss, lr, per_s, last_log_step, evaluated)
+                last_log_time, last_log_step = time.perf_counter(), self.step
+                last_log_seen = self.seen
+                if stop.signal is not None or out_of_time:
+                    stopped_by = stop.signal or "time limit"
+                    break
+            self.bar.close()
+            if stopped_by is not None and not evaluated:
+                self.checkpoint()
 
-            # ---- log: mean training loss since the last line, speed, learning rate
-            train_loss = loss_sum.item() / losses_counted
-            loss_sum.zero_()
-            losses_counted = 0
-            tok_s = (step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
-            record = {"step": step, "train_loss": round(train_loss, 6), "lr": lr,
-                      "tokens_per_s": round(tok_s, 1), "elapsed": round(elapsed, 3),
-                      "tokens": tokens_seen}
-            if evaluate_now:
-                val_loss = evaluate(model, val_batches, device, precision)
-                record.update(val_loss=round(val_loss, 6), val_ppl=round(math.exp(val_loss), 4))
-                if val_loss < best:
-                    best = val_loss
-                    save_weights(model, out / WEIGHTS, model.tied_weights())
-                record["best_val_loss"] = round(best, 6)
-            _append_log(out / LOG, record)
-            history.append(record)
-            if callback is not None:
-                callback(record)
-            bar.update(step - last_log_step, train_loss, tok_s, lr, max_steps)
-            if evaluate_now:
-                bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
-                          f"(perplexity {math.exp(val_loss):.2f}), {tok_s:,.0f} tokens/s")
-                checkpoint()
-            last_log_time, last_log_step = time.perf_counter(), step
-            if stop.signal is not None or out_of_time:
-                stopped_by = stop.signal or "time limit"
-                break
-        bar.close()
-        if stopped_by is not None and not evaluate_now:
-            checkpoint()
+        # ---- 3. finish -------------------------------------------------------------------------
+        if stopped_by in ("SIGINT", "SIGTERM") and self.out is not None:
+            printer(True, loop.name)(f"{stopped_by}: saved a checkpoint at step {self.step} in "
+                                     f"{self.out / 'training'}", warning=True)
+        return FitResult(
+            step=self.step, max_steps=self.max_steps or self.step, train_loss=train_loss,
+            metrics=self.metrics, best=self.best, best_step=self.best_step, per_s=per_s,
+            elapsed=self.elapsed, stopped_by=stopped_by, history=self.history,
+            best_state=self.best_state)
 
-    # ---- 7. finish --------------------------------------------------------------------------
-    if stopped_by in ("SIGINT", "SIGTERM"):
-        say(f"{stopped_by}: saved a checkpoint at step {step} in {out / 'training'}")
-    return TrainResult(
-        out=out, model=model, tokenizer=tokenizer, step=step, max_steps=max_steps or step,
-        train_loss=train_loss, val_loss=val_loss, best_val_loss=None if best == math.inf
-        else best, tokens_per_s=tok_s, elapsed=elapsed, precision=precision,
-        stopped_by=stopped_by, history=history)
-
-
-@torch.inference_mode()
-def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]],
-             device: torch.device, precision: str = "fp32") -> float:
-    """Mean cross-entropy (nats per token) of `model` over fixed batches: next-token targets,
-    or masked-LM labels, where only the labels that are not -100 count."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast(device, precision):
-            total += lm_loss(model, model.hidden_states, x, y, reduction="sum").item()
-        count += int((y != -100).sum())
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-# ---------------------------------------------------------------------- helpers of the loop
-
-def _fit_schedule(cfg: TrainConfig, step: int, seconds: float,
-                  calibration_start: tuple | None) -> tuple[int | None, tuple | None]:
-    """With only a time limit: after a few timed updates, choose how many updates fill the time.
-
-    `step` counts the updates of this process and `seconds` its time so far."""
-    if step == 2:  # the first updates are slow (memory allocation, kernel selection)
-        return None, (step, seconds)
-    if calibration_start is None or step < calibration_start[0] + CALIBRATION_STEPS:
-        return None, calibration_start
-    per_step = (seconds - calibration_start[1]) / (step - calibration_start[0])
-    # An evaluation reads eval_windows windows forward only: about a third of the cost of
-    # training on as many tokens.
-    eval_seconds = per_step * cfg.eval_windows / (3 * cfg.batch_size * cfg.grad_accum)
-    remaining = max(0.0, cfg.time_limit - seconds)
-    more = int(0.97 * remaining / (per_step + eval_seconds / cfg.eval_every))
-    return step + max(1, more), calibration_start
-
-
-def lm_loss(model: Transformer, hidden: Callable[[torch.Tensor], torch.Tensor],
-            x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Mean (or, with reduction="sum", summed) cross-entropy of the targets `y` (B, T) that are
-    not -100, given inputs `x` (B, T).
-
-    `hidden` maps tokens to the last layer's vectors (model.hidden_states, or a compiled stack).
-    Only the positions with a target go through the output layer: for next-token training that
-    is all of them; for masked-LM training about 15%, which skips most of the cost of the
-    largest matrix (d_model x vocab) and of BERT's MLM transform before it.
-    """
-    h = hidden(x)  # (B, T, d)
-    if model.config.family == "encoder":
-        return F.cross_entropy(*masked_logits(model, h, y), reduction=reduction)
-    logits = model.logits(h)  # (B, T, vocab)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction=reduction)
-
-
-def compiled_forward(model: Transformer) -> Callable[[torch.Tensor], torch.Tensor]:
-    """tokens (B, T) -> last layer's vectors (B, T, d), with the decoder (or encoder) stack
-    compiled by torch.compile (the token lookup, which checks ids on the host, stays eager;
-    so does the output layer, applied by the caller).
-
-    The position table also checks its ids on the host, which splits the compiled graph in two
-    ("graph break"); that is expected, so dynamo's multi-line notice about it is silenced.
-    """
-    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
-    stack = torch.compile(model.decoder if model.encoder is None else model.encoder)
-
-    def forward(tokens: torch.Tensor) -> torch.Tensor:
-        return stack(model.token_embedding(tokens))  # (B, T, d)
-
-    return forward
-
-
-def _compiled(model: Transformer, batch: tuple[torch.Tensor, torch.Tensor],
-              device: torch.device, precision: str):
-    """The compiled stack (tokens -> last hidden states), tried once on a batch; the eager
-    model.hidden_states (and a one-line warning) if compiling fails. The trial leaves no
-    trace: gradients and random state are restored."""
-    rng = torch.get_rng_state()
-    try:
-        compiled = compiled_forward(model)
-        x, y = batch[0].to(device), batch[1].to(device)
+    def forward_backward(self, loss_fn: Callable[..., torch.Tensor], batch: Any) -> torch.Tensor:
+        """The loss of one micro-batch, whose gradient is added to the parameters' .grad."""
+        device, precision = self.loop.device, self.loop.precision
+        batch = tuple(t.to(device, non_blocking=True) for t in batch)
+        self.seen += self.objective.count(batch)
         with training_attention(device, precision):
             with autocast(device, precision):
-                loss = lm_loss(model, compiled, x, y)
-            loss.backward()
-        return compiled
-    except Exception as e:  # any failure inside the compiler stack
-        first_line = (str(e).strip().splitlines() or [""])[0][:120]
-        print(f"qkv: warning: torch.compile failed ({type(e).__name__}: {first_line}); "
-              "training without it", file=sys.stderr)
-        return model.hidden_states
-    finally:
-        model.zero_grad(set_to_none=True)
-        torch.set_rng_state(rng)
+                loss = loss_fn(self.model, batch)
+            (loss / self.loop.grad_accum).backward()
+        return loss
 
+    def eval_due(self) -> bool:
+        every, due = self.loop.eval_every, self.objective.eval_due
+        return bool((every and self.step % every == 0) or (due is not None and due(self.step)))
 
-def _append_log(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    def report(self, train_loss: float, lr: float, per_s: float, last_log_step: int,
+               evaluated: bool) -> None:
+        """A log line (and, after an evaluation, the best model and a checkpoint)."""
+        unit = self.objective.unit
+        record: dict[str, Any] = {
+            "step": self.step, "train_loss": round(train_loss, 6), "lr": lr,
+            f"{unit}_per_s": round(per_s, 1), "elapsed": round(self.elapsed, 3), unit: self.seen,
+            **(self.objective.progress() if self.objective.progress else {})}
+        metrics = self.evaluate() if evaluated else None
+        if metrics is not None:
+            record.update({k: round(v, 6) for k, v in metrics.items()})
+            first = self.objective.best[0][0]
+            record[f"best_{first}"] = round((self.best or metrics)[first], 6)
+        if self.out is not None:
+            append_log(self.out / LOG, record)
+        if self.callback is not None:
+            self.callback(record)
+        self.history.append(record)
+        self.bar.update(self.step - last_log_step, train_loss, per_s, lr, self.max_steps)
+        if metrics is not None:
+            shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
+            self.bar.write(f"step {self.step}: train loss {train_loss:.4f}, {shown}, "
+                           f"{per_s:,.0f} {unit}/s")
+            self.checkpoint()
 
+    def evaluate(self) -> dict[str, float]:
+        """The objective's metrics; the best model so far is saved (or kept in memory)."""
+        with evaluating(self.model), autocast(self.loop.device, self.loop.precision):
+            metrics = self.metrics = self.objective.evaluate(self.model)
+        if self.best is None or self.objective.score(metrics) > self.objective.score(self.best):
+            self.best, self.best_step = dict(metrics), self.step
+            if self.out is not None:
+                save_weights(self.model, self.out / WEIGHTS, self.model.tied_weights())
+            else:
+                self.best_state = {k: v.detach().clone()
+                                   for k, v in self.model.state_dict().items()}
+        return metrics
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep the log lines up to `step`: a resumed run rewrites what came after."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def _printer(enabled: bool) -> Callable[..., None]:
-    """Progress messages on stderr (only with `enabled`); warnings always."""
-
-    def say(message: str, warning: bool = False) -> None:
-        if enabled or warning:
-            print(f"qkv train: {message}", file=sys.stderr)
-    return say
-
-
-class _StopRequest:
-    """Turns Ctrl-C (SIGINT) and SIGTERM into a request the loop sees after its current step.
-
-    A second Ctrl-C gives up waiting and raises KeyboardInterrupt at once.
-    """
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-        print(f"\nqkv train: {self.signal} received: saving a checkpoint after this step "
-              "(press Ctrl-C again to quit without saving)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class _ProgressBar:
-    """A tqdm bar showing step, loss, tokens/s, learning rate and the time left (or nothing)."""
-
-    def __init__(self, enabled: bool, step: int, max_steps: int | None):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True,
-                            desc="training", file=sys.stderr)
-
-    def update(self, n: int, loss: float, tok_s: float, lr: float, total: int | None) -> None:
-        if self.bar is None:
-            return
-        if total is not None and self.bar.total != total:
-            self.bar.total = total
-        self.bar.set_postfix_str(f"loss {loss:.3f}, {tok_s:,.0f} tok/s, lr {lr:.2e}",
-                                 refresh=False)
-        self.bar.update(n)
-
-    def write(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.write(message, file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a log.jsonl (a run directory or the file itself)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / LOG
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
-
+    def compiled_loss(self) -> Callable[..., torch.Tensor]:
+        """The objective's loss compiled by torch.compile, tried once on a batch; the eager loss
+        (and a one-line warning) if compiling fails. The trial leaves no trace: gradients,
+        random state and the data position are restored."""
+        logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break notices
+        rng, position = torch.get_rng_state(), self.objective.batches.state_dict()
+        seen = self.seen
+        try:
+            compiled = torch.compile(self.objective.loss)
+            self.forward_backward(compiled, next(self.objective.batches))
+            return compiled
+        except Exception as e:  # any failure inside the compiler stack
+            first_line = (str(e).strip().splitlines() or [""])[0][:120]
+            print(f"qkv: warning: torch.compile failed ({type(e).__name__}: {first_line}); "
+                  "training without it", file=sys.stderr)
+            return self.objective.loss
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            torch.set_rng_state(rng)
+            self.objective.batches.load_state_dict(position)
+            self.seen = seen

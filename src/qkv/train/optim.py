@@ -6,14 +6,16 @@ their ratio. Weight decay pulls weights toward zero, separately from the gradien
 nanoGPT, every matrix (2-D or more: linear layers and embeddings) is decayed, and the vectors
 (biases, norm gains) are not: shrinking a norm's gain or a bias only hurts.
 
-The schedule: a linear warm-up from 0 to the peak learning rate (the first steps have noisy
-gradients and an optimizer that knows nothing yet), then a cosine decay down to `min_lr`.
+The schedule: a linear warm-up to the peak learning rate (the first steps have noisy gradients
+and an optimizer that knows nothing yet), then a decay: a cosine down to `min_lr` (pre-training,
+as GPT-2 and nanoGPT), or a straight line down to 0 (fine-tuning, as BERT).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,6 +34,36 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of each update: `warmup` updates of linear warm-up to `lr`, then a
+    decay that reaches `min_lr` at the last update.
+
+    decay="cosine": the warm-up reaches lr at update `warmup` - 1, then half a cosine wave.
+    decay="linear": BERT's fine-tuning schedule (as Hugging Face's linear schedule with
+    warm-up): update k of the warm-up gets lr * k / warmup, so update 0 moves only AdamW's
+    moments, then a straight line to min_lr (0 by default) at the last update.
+    """
+
+    lr: float
+    warmup: int
+    min_lr: float = 0.0
+    decay: str = "cosine"
+
+    def __post_init__(self) -> None:
+        if self.decay not in ("cosine", "linear"):
+            raise ValueError(f"decay={self.decay!r} is not cosine or linear")
+
+    def at(self, step: int, total: int) -> float:
+        """The learning rate of update number `step` (0-based) of `total`."""
+        if self.decay == "linear":
+            if step < self.warmup:
+                return self.min_lr + (self.lr - self.min_lr) * (step / self.warmup)
+            left = max(0.0, (total - step) / max(1, total - self.warmup))  # 1 -> 0
+            return self.min_lr + (self.lr - self.min_lr) * left
+        return lr_at(step, self.lr, self.min_lr, self.warmup, total)
+
+
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
     """The learning rate of update number `step` (0-based): warm-up, then cosine to min_lr."""
     if step < warmup:
@@ -40,6 +72,29 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float
         return min_lr
     progress = (step - warmup) / max(1, total - warmup)  # 0 -> 1
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+#: With a time limit and no step count: time this many updates, then fit the schedule.
+CALIBRATION_STEPS = 12
+
+
+def fit_schedule(step: int, seconds: float, time_limit: float, eval_cost: float,
+                 eval_every: int | None, calibration_start: tuple[int, float] | None
+                 ) -> tuple[int | None, tuple[int, float] | None]:
+    """With only a time limit: after a few timed updates, choose how many updates fill the time.
+
+    `step` counts the updates of this process and `seconds` its time so far; an evaluation
+    costs about `eval_cost` updates and comes every `eval_every`. Returns (the total number of
+    updates, or None while still timing; the calibration start to pass back next time)."""
+    if step == 2:  # the first updates are slow (memory allocation, kernel selection)
+        return None, (step, seconds)
+    if calibration_start is None or step < calibration_start[0] + CALIBRATION_STEPS:
+        return None, calibration_start
+    per_step = (seconds - calibration_start[1]) / (step - calibration_start[0])
+    eval_seconds = per_step * eval_cost
+    remaining = max(0.0, time_limit - seconds)
+    more = int(0.97 * remaining / (per_step + eval_seconds / (eval_every or 10**12)))
+    return step + max(1, more), calibration_start
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -1,4 +1,5 @@
-"""Where and in what number format to train: device, precision, CPU threads.
+"""Where and in what number format to run: device, precision, CPU threads. Training,
+fine-tuning, embedding, evaluation and generation all decide these here, the same way.
 
 bf16 ("brain float 16") keeps fp32's 8-bit exponent, so it covers the same range of values, but
 only 8 bits of mantissa. Matrix multiplications in bf16 run several times faster on hardware built
@@ -16,24 +17,37 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..errors import ConfigError
+from .errors import ConfigError, PrecisionError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def check_device_name(name: str) -> str:
+    """`name` if it names a device ("auto", "cpu", "cuda", "cuda:1", "mps"); else ConfigError."""
+    kind, _, index = str(name).partition(":")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"device={name!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
+    return str(name)
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """"auto" picks CUDA, then Apple's MPS, then the CPU; an explicit device must exist."""
-    if name not in DEVICES:
-        raise ConfigError(f"device={name!r} is not one of {', '.join(DEVICES)}")
+    if isinstance(name, torch.device):
+        name = str(name)
+    kind = check_device_name(name).partition(":")[0]
     cuda = torch.cuda.is_available()
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        name = "cuda" if cuda else "mps" if mps else "cpu"
-    if name == "cuda" and not cuda:
-        raise ConfigError("device=cuda was asked for, but PyTorch sees no CUDA GPU")
-    if name == "mps" and not mps:
+        name = kind = "cuda" if cuda else "mps" if mps else "cpu"
+    if kind == "cuda" and not cuda:
+        raise ConfigError(f"device={name} was asked for, but PyTorch sees no CUDA GPU")
+    if kind == "cuda" and ":" in name and int(name.partition(":")[2]) >= torch.cuda.device_count():
+        raise ConfigError(f"device={name} was asked for, but PyTorch sees "
+                          f"{torch.cuda.device_count()} CUDA GPU(s)")
+    if kind == "mps" and not mps:
         raise ConfigError("device=mps was asked for, but this PyTorch has no Apple MPS backend")
     return torch.device(name)
 
@@ -58,26 +72,35 @@ def cpu_has_bf16() -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """"bf16" or "fp32". "auto" is bf16 where the hardware computes it natively."""
-    if name not in PRECISIONS:
-        raise ConfigError(f"precision={name!r} is not one of {', '.join(PRECISIONS)}")
-    if name != "auto":
-        if name == "bf16" and device.type == "mps":
-            raise ConfigError("precision=bf16 is not supported on the mps device; use fp32")
-        return name
+def fast_bf16(device: str | torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices natively: a CUDA GPU with bf16, or a CPU with
+    AMX or AVX512-BF16. Another device (Apple's mps) answers False without looking at the CPU."""
+    device = torch.device(device)
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_bf16() else "fp32"
-    return "fp32"
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16()
 
 
-def autocast(device: torch.device, precision: str):
-    """A context in which matrix products run in bf16 (or a no-op for fp32)."""
+def resolve_precision(name: str, device: str | torch.device = "cpu") -> str:
+    """"bf16" or "fp32". "auto" is bf16 where the hardware computes it natively (fast_bf16).
+
+    An unknown name, or bf16 on a device that cannot compute it at all, raises PrecisionError.
+    bf16 on a CPU without the native instructions is allowed: it is correct, only slower."""
+    if name not in PRECISIONS:
+        raise PrecisionError(f"precision={name!r} is not one of {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    if name == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    if name == "bf16" and device.type == "mps":
+        raise PrecisionError("precision=bf16 is not supported on the mps device; use fp32")
+    return name
+
+
+def autocast(device: str | torch.device, precision: str):
+    """A context in which matrix products run in bf16 (weights stay fp32), or a no-op (fp32)."""
     if precision != "bf16":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def training_attention(device: torch.device, precision: str):
@@ -89,8 +112,6 @@ def training_attention(device: torch.device, precision: str):
     Everywhere else the default choice stands.
     """
     if device.type == "cpu" and precision == "bf16":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
 

@@ -1,0 +1,77 @@
+"""Argument types and habits every subcommand shares.
+
+- a bad value prints one line ("qkv train: error: ...") and exits with status 2, like every
+  other user mistake (cli.py installs `one_line_errors` on every parser);
+- --time-limit reads the same everywhere: "90" or "90s", "5m", "1.5h", "1h30m";
+- --device and --top-k are checked the same way wherever they appear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from typing import NoReturn
+
+from ..errors import ConfigError
+from ..hardware import check_device_name
+
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
+_NUMBER = r"(\d+(\.\d*)?|\.\d+)"
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90", "90s", "5m", "1.5h", "1h30m" (positive and finite)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    clean = text.strip().lower()
+    if not clean or re.fullmatch(rf"({_NUMBER}([smhd]?))+", clean) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 5m or 1h30m")
+    seconds = sum(float(number) * units[unit or "s"]
+                  for number, _, unit in re.findall(rf"{_NUMBER}([smhd]?)", clean))
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite duration")
+    return seconds
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def device(text: str) -> str:
+    """A device name: auto, cpu, cuda, cuda:N or mps (whether it exists is checked later)."""
+    try:
+        return check_device_name(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """Make `parser` and every sub-parser below it print argparse's errors as one line
+    ("qkv train: error: ...") and exit with status 2, instead of the usage block."""
+
+    def error(message: str) -> NoReturn:
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error  # type: ignore[method-assign]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                one_line_errors(child)
