@@ -14,8 +14,9 @@ Three measurements (`--only` picks one):
   ttl         wall seconds to a validation loss (default 1.886) on the bundled tiny Shakespeare,
               baby shape, from the start of the run (data preparation and evaluations count):
                 qkv    `qkv.train.train` with qkv's recipe for the shape (batch 32, lr 4e-3)
-                peer   `GPT2LMHeadModel` of the same shape trained here with the hyperparameters
-                       of nanoGPT's published CPU "baby GPT" run (batch 12, context 64, AdamW
+                peer   `GPT2LMHeadModel` of the same shape (GPT-2's layers, biases included,
+                       where nanoGPT's baby has none) trained here with the hyperparameters of
+                       nanoGPT's published CPU "baby GPT" run (batch 12, context 64, AdamW
                        lr 1e-3 -> 1e-4, 100 warm-up steps, cosine over 2,000 steps, betas
                        (0.9, 0.99), weight decay 0.1, clip 1.0, dropout 0; evaluation every 250
                        steps), once in fp32 and once with bf16 autocast. Past step 2,000 it goes
@@ -82,7 +83,8 @@ QUICK_STEPS = {"baby": 5, "gpt2": 1}
 # --lr_decay_iters=2000 --dropout=0.0; the rest from that config and train.py's defaults).
 NANOGPT_BABY = dict(batch=12, context=64, n_layers=4, n_heads=4, d_model=128, dropout=0.0,
                     lr=1e-3, min_lr=1e-4, warmup=100, decay_steps=2000, betas=(0.9, 0.99),
-                    weight_decay=0.1, grad_clip=1.0, eval_every=250, seed=1337)
+                    weight_decay=0.1, grad_clip=1.0, eval_every=250, seed=1337,
+                    eval_windows=BABY_RECIPE["eval_windows"])  # qkv's validation windows
 
 
 # ---------------------------------------------------------------------- throughput
@@ -195,7 +197,7 @@ def peer_time_to_loss(precision: str, target: float, max_steps: int,
     index = {c: i for i, c in enumerate(chars)}
     ids = np.fromiter((index[c] for c in text), dtype=np.int64, count=len(text))
     train_ids, val_ids = split(ids, 0.1, T)  # the split qkv's loop makes
-    val = eval_batches(val_ids, T, BABY_RECIPE["batch_size"], BABY_RECIPE["eval_windows"])
+    val = eval_batches(val_ids, T, BABY_RECIPE["batch_size"], recipe["eval_windows"])
     train_ids = torch.from_numpy(np.ascontiguousarray(train_ids))
     offsets = torch.arange(T + 1)
 
@@ -228,8 +230,9 @@ def peer_time_to_loss(precision: str, target: float, max_steps: int,
 
 def time_to_loss(precision: str, target: float, peers: list[str], peer_max_steps: int,
                  n_threads: int, quick: bool) -> None:
-    qkv_recipe = dict(eval_every=25, max_steps=200) if quick else {}
-    peer_recipe = {**NANOGPT_BABY, **(dict(eval_every=25) if quick else {})}
+    quick_evals = dict(eval_every=25, eval_windows=200)  # frequent, short evaluations
+    qkv_recipe = dict(**quick_evals, max_steps=200) if quick else {}
+    peer_recipe = {**NANOGPT_BABY, **(quick_evals if quick else {})}
     seconds: dict[str, float | None] = {}
     notes: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -254,6 +257,10 @@ def time_to_loss(precision: str, target: float, peers: list[str], peer_max_steps
                        "nanoGPT baby recipe)" if reached else
                        f"NOT reached in {step} steps, {wall:.0f} s; best "
                        f"{min(v for _, v, _ in evaluations):.4f}")
+        at_end = [v for s, v, _ in evaluations if s == peer_recipe["decay_steps"]]
+        if step > peer_recipe["decay_steps"] and at_end:
+            notes[name] += (f"; {at_end[0]:.4f} at step {peer_recipe['decay_steps']}, the end "
+                            "of its schedule")
     print_table(f"time to val loss {target}, baby shape, tiny Shakespeare, {n_threads} threads "
                 "(wall seconds from the start, lower is better)", seconds, "s", notes,
                 digits=1, lower_is_better=True)
