@@ -21,7 +21,7 @@ Quality, two ways:
   Shakespeare), the validation loss with fp32, bf16 and int8 weights: the check is that each
   stays within 1% of fp32.
 
-    python benchmarks/bench_decode.py                # about 4 minutes on a 2-core CPU
+    python benchmarks/bench_decode.py                # about 3 minutes on a 2-core CPU
     python benchmarks/bench_decode.py --quick        # a smoke run (under a minute)
     python benchmarks/bench_decode.py --rounds 5 --new-tokens 256 --quality-steps 0
 """

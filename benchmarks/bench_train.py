@@ -27,7 +27,7 @@ Three measurements (`--only` picks one):
 Every speed is measured in one process with matched threads; the throughput contenders run in
 alternating rounds after a warm-up round and each one's best round counts (see _common.py).
 
-    python benchmarks/bench_train.py                      # everything (about 10 minutes)
+    python benchmarks/bench_train.py                      # everything (about 11 minutes)
     python benchmarks/bench_train.py --quick              # a smoke run (about a minute)
     python benchmarks/bench_train.py --only throughput --shapes baby
     python benchmarks/bench_train.py --only ttl --peers fp32
