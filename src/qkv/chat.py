@@ -65,7 +65,8 @@ class ChatTemplate:
 
         plain = check_messages(messages)
         try:
-            return self._template.render(messages=plain, add_generation_prompt=add_generation_prompt,
+            return self._template.render(messages=plain,
+                                         add_generation_prompt=add_generation_prompt,
                                          bos_token=self.bos_token, eos_token=self.eos_token,
                                          **extra)
         except _TemplateRefusal as e:

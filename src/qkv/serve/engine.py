@@ -100,6 +100,7 @@ class Engine:
         self.lock = threading.Condition()
         self.stopping = False
         self.steps = 0  # decoding steps run (for tests and stats)
+        self.peak = 0  # the most sequences decoded in one step so far
         self.device = next(model.parameters()).device
         self.thread = threading.Thread(target=self._loop, name="qkv-serve-engine", daemon=True)
         self.thread.start()
@@ -129,7 +130,8 @@ class Engine:
 
     def stats(self) -> dict:
         return {"running": len(self.running), "waiting": len(self.waiting),
-                "max_seqs": self.max_seqs, "max_queue": self.max_queue, "steps": self.steps}
+                "max_seqs": self.max_seqs, "max_queue": self.max_queue, "steps": self.steps,
+                "peak_running": self.peak}
 
     def close(self) -> None:
         with self.lock:
@@ -159,6 +161,7 @@ class Engine:
                 self._guard(seq, self._prefill)
             self.running = [s for s in self.running if not (s.finished or s.cancelled)]
             if self.running:
+                self.peak = max(self.peak, len(self.running))
                 try:
                     self._step(self.running)
                 except Exception as e:  # a bug, not a user error: fail these requests loudly
