@@ -29,9 +29,9 @@ def tiny_decoder(context: int = 128, seed: int = 0, eos_bias: float = -30.0,
     <pad> and <unk> are forbidden by the output bias; the end-of-text token gets `eos_bias`."""
     tok = char_tokenizer()
     torch.manual_seed(seed)
-    cfg = qkv.ModelConfig(family="decoder", vocab_size=tok.vocab_size, d_model=32, n_layers=2,
-                          n_heads=4, max_seq_len=context, tie_embeddings=False,
-                          lm_head_bias=True, **overrides)
+    base = dict(family="decoder", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4,
+                max_seq_len=context, tie_embeddings=False, lm_head_bias=True)
+    cfg = qkv.ModelConfig(**{**base, **overrides})
     model = qkv.Transformer(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.5)

@@ -462,13 +462,17 @@ def _queue_full() -> ApiError:
 async def _events(req: _Request, request: Request | None, count: int) -> AsyncIterator[dict]:
     """The events of `count` sequences until all are done. With `request` (not streaming), a
     client that disconnects is noticed within a quarter of a second."""
-    done = 0
+    done, checked = 0, time.monotonic()
     while done < count:
         try:
             event = await asyncio.wait_for(req.queue.get(), timeout=0.25)
         except asyncio.TimeoutError:
-            if request is not None and await request.is_disconnected():
+            event = None
+        if request is not None and time.monotonic() - checked >= 0.25:
+            checked = time.monotonic()
+            if await request.is_disconnected():
                 return
+        if event is None:
             continue
         if event["type"] == "error":
             raise ApiError(500, f"generation failed: {event['message']}", "server_error")
