@@ -34,9 +34,10 @@ def slow_steps(app, seconds: float) -> None:
 # ---------------------------------------------------------------------- same numbers
 
 def run_engine(model, tok, prompts: list[str], watch: int, max_seqs: int = 8,
-               sampling: dict | None = None) -> tuple[list[torch.Tensor], str]:
+               sampling: dict | None = None, pack: bool = True
+               ) -> tuple[list[torch.Tensor], str]:
     """Generate `prompts` together; return every logits row of prompt `watch` and its text."""
-    engine = Engine(model, tok, max_seqs=max_seqs)
+    engine = Engine(model, tok, max_seqs=max_seqs, pack=pack)
     rows: list[torch.Tensor] = []
     choose = engine._choose
 
@@ -69,15 +70,36 @@ def run_engine(model, tok, prompts: list[str], watch: int, max_seqs: int = 8,
     return rows, texts[watch]
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["mkl-packed", "nn.Linear"])
 @pytest.mark.parametrize("sampling", [None, {"temperature": 0.9, "seed": 5, "top_p": 0.9}])
-def test_a_sequence_gets_the_same_logits_alone_and_beside_seven_others(sampling):
+def test_a_sequence_gets_the_same_logits_alone_and_beside_seven_others(sampling, pack):
     model, tok = tiny_decoder(d_model=64, n_heads=4, n_layers=3)
-    alone, text_alone = run_engine(model, tok, [PROMPTS[1]], 0, sampling=sampling)
-    batched, text_batched = run_engine(model, tok, PROMPTS, 1, sampling=sampling)
+    alone, text_alone = run_engine(model, tok, [PROMPTS[1]], 0, sampling=sampling, pack=pack)
+    batched, text_batched = run_engine(model, tok, PROMPTS, 1, sampling=sampling, pack=pack)
     assert len(alone) == len(batched) == 40
     for a, b in zip(alone, batched, strict=True):
         assert torch.equal(a, b)  # bit for bit, not merely close
     assert text_alone == text_batched and len(text_alone) == 40
+
+
+def test_the_fixed_width_is_what_keeps_the_numbers_exact():
+    """The control: the same rows through a linear layer of a varying width do change (so the
+    test above could fail), and the packed product agrees with nn.Linear to fp32 noise."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 192)
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        one = torch.stack([layer(x[i:i + 1])[0] for i in range(8)])
+        eight = layer(x)
+        assert not torch.equal(one, eight)
+        assert torch.allclose(one, eight, atol=1e-5)
+        engine = Engine(*tiny_decoder(), max_seqs=8)
+        engine.close()
+        if engine.packed.layers:
+            _, forward = next(p for p in engine.packed.layers if p[0].in_features == 32)
+            layer32 = next(p[0] for p in engine.packed.layers if p[0].in_features == 32)
+            y = torch.randn(8, 1, 32)
+            assert torch.allclose(forward(y), layer32(y), atol=1e-5)
 
 
 def test_rope_and_gqa_models_batch_exactly_too():

@@ -19,18 +19,27 @@ row's numbers independent of its neighbours. Attention, whose inputs have a diff
 for every sequence, runs per sequence on its own cache: no padding, no mask. The prefill runs
 per sequence too. So a greedy or seeded request gives the same tokens alone or beside others.
 
+A fixed width costs little on a CPU if the weights are packed for it: fp32 linear layers of the
+step use MKL's packed matrix product (`torch.ops.mkl._mkl_linear`, the kernel PyTorch's own
+compiler uses for CPU inference), which lays each weight out once for a batch of `max_seqs`
+rows instead of at every call; eight rows then cost about what one row costs with `nn.Linear`.
+The price is a second copy of the weights in memory; `pack=False` turns it off.
+
 Waiting requests are bounded (`max_queue`); beyond that `submit` raises QueueFull (HTTP 429).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..generate import _TextRow, sample_next
@@ -91,8 +100,9 @@ class Engine:
     """Runs the sequences of many requests on one decoder model, in a background thread."""
 
     def __init__(self, model: nn.Module, tokenizer, max_seqs: int = 8,
-                 max_queue: int = 64) -> None:
+                 max_queue: int = 64, pack: bool = True) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.packed = _PackedLinears(model, max_seqs) if pack else _PackedLinears(None, 0)
         self.max_seqs, self.max_queue = max_seqs, max_queue
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.jobs: collections.deque[tuple[Callable[[], object], Callable]] = collections.deque()
@@ -217,14 +227,15 @@ class Engine:
         for r, seq in enumerate(seqs):
             ids[r, 0] = seq.last_token
             positions[r, 0] = seq.length
-        x, rope = dec.embed(model.tokens(ids), positions)  # (W, 1, d_model)
-        for i, layer in enumerate(dec.layers):
-            caches = [seq.cache.layers[i][0] for seq in seqs]
-            x = layer.residual(x, layer.self_attn_norm,
-                               lambda h, layer=layer, caches=caches: _ragged_self_attention(
-                                   layer.self_attn, h, rope, caches))
-            x = layer.residual(x, layer.ffn_norm, layer.ffn)
-        logits = model.logits(dec.finish(x)[:, -1]).float()  # (W, V)
+        with self.packed.active():
+            x, rope = dec.embed(model.tokens(ids), positions)  # (W, 1, d_model)
+            for i, layer in enumerate(dec.layers):
+                caches = [seq.cache.layers[i][0] for seq in seqs]
+                x = layer.residual(x, layer.self_attn_norm,
+                                   lambda h, layer=layer, caches=caches: _ragged_self_attention(
+                                       layer.self_attn, h, rope, caches))
+                x = layer.residual(x, layer.ffn_norm, layer.ffn)
+            logits = model.logits(dec.finish(x)[:, -1]).float()  # (W, V)
         for r, seq in enumerate(seqs):
             self._choose(seq, logits[r:r + 1])
 
@@ -262,6 +273,44 @@ class Engine:
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.backend.decode([token], skip_special_tokens=False)
+
+
+class _PackedLinears:
+    """The fp32 linear layers of a CPU model, with their weights packed by MKL for `width`
+    rows; inside `active()` a product of exactly `width` rows uses the packed copy."""
+
+    def __init__(self, model: nn.Module | None, width: int) -> None:
+        self.layers: list[tuple[nn.Linear, Callable]] = []
+        if model is None or not _mkl_packing():
+            return
+        for m in model.modules():
+            w = m.weight if type(m) is nn.Linear else None
+            if w is not None and w.dtype == torch.float32 and w.device.type == "cpu":
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), width)
+                self.layers.append((m, functools.partial(_packed_linear, m, packed, width)))
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        for layer, forward in self.layers:
+            layer.forward = forward
+        try:
+            yield
+        finally:
+            for layer, _ in self.layers:
+                layer.__dict__.pop("forward", None)  # back to nn.Linear.forward
+
+
+def _mkl_packing() -> bool:
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+def _packed_linear(layer: nn.Linear, packed: torch.Tensor, width: int,
+                   x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])  # (rows, in_features)
+    if flat.shape[0] != width:
+        return F.linear(x, layer.weight, layer.bias)
+    y = torch.ops.mkl._mkl_linear(flat, packed, layer.weight, layer.bias, width)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _ragged_self_attention(attn, x: torch.Tensor, rope, caches: list) -> torch.Tensor:
