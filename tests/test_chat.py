@@ -76,3 +76,19 @@ def test_named_templates_take_the_default(tmp_path):
         {"chat_template": [{"name": "tool_use", "template": "T"},
                            {"name": "default", "template": "D"}]}))
     assert ChatTemplate.from_model_dir(tmp_path).render([{"role": "user", "content": ""}]) == "D"
+
+
+def test_render_spans_locate_the_assistant_turns():
+    t = ChatTemplate("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+                     "{% if add_generation_prompt %}<assistant>{% endif %}")
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]
+    text, spans = t.render_spans(msgs)
+    assert text == "<user>Hi</s><assistant>Hello</s><user>Bye</s><assistant>Ciao</s>"
+    assert [text[a:b] for a, b in spans] == ["Hello</s>", "Ciao</s>"]
+
+
+def test_render_spans_refuses_a_template_that_is_not_prefix_stable():
+    t = ChatTemplate("{{ messages | length }}{% for m in messages %}{{ m.content }}{% endfor %}")
+    with pytest.raises(InputError, match="extension"):
+        t.render_spans([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])

@@ -76,6 +76,32 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise InputError(f"the chat template failed: {e}") from None
 
+    def render_spans(self, messages: Sequence[Mapping[str, Any]]
+                     ) -> tuple[str, list[tuple[int, int]]]:
+        """The whole conversation as one text, and the (start, end) character range of each
+        assistant turn in it: what supervised fine-tuning trains on (the rest is context).
+
+        A turn's range runs from the end of the text rendered with the messages before it (and
+        the generation prompt) to the end of the text rendered with it, so it includes what
+        the template writes after the reply (an end-of-turn marker) and nothing the template
+        writes before it. The template must render a conversation as its prefixes extended,
+        as chat templates do; one that does not is an InputError.
+        """
+        plain = check_messages(messages)
+        text = self.render(plain, add_generation_prompt=False)
+        spans = []
+        for i, m in enumerate(plain):
+            if m["role"] != "assistant":
+                continue
+            before = self.render(plain[:i], add_generation_prompt=True) if i else ""
+            through = self.render(plain[:i + 1], add_generation_prompt=False)
+            if not (text.startswith(through) and through.startswith(before)):
+                raise InputError("the chat template does not render a conversation as an "
+                                 f"extension of its beginning (at message {i}), so the "
+                                 "assistant turns cannot be located")
+            spans.append((len(before), len(through)))
+        return text, spans
+
     @classmethod
     def from_model_dir(cls, path: str | Path, bos_token: str = "",
                        eos_token: str = "") -> ChatTemplate | None:

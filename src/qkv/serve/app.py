@@ -153,7 +153,9 @@ class ServerState:
         self._ready(served)
 
     def _ready(self, served: Served) -> None:
-        self.engine = Engine(served.model, served.tokenizer, self.max_seqs, self.max_queue)
+        # Only a decoder's linear layers run in the batched step (and get packed weights).
+        self.engine = Engine(served.model, served.tokenizer, self.max_seqs, self.max_queue,
+                             pack=served.family == "decoder")
         self.served = served  # last: requests see a model only once its engine runs
 
     def close(self) -> None:
