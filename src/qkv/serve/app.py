@@ -209,6 +209,9 @@ def create_app(source: Served | Callable[[], Served], *, api_key: str | None = N
     async def health() -> JSONResponse:
         if state.served is None:
             _loading(state)
+        if not state.engine.thread.is_alive():
+            raise ApiError(503, "the generation engine has stopped", "service_unavailable",
+                           code="engine_stopped")
         return JSONResponse({"status": "ok", **state.engine.stats()})
 
     @app.get("/v1/models")
