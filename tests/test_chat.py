@@ -92,3 +92,11 @@ def test_render_spans_refuses_a_template_that_is_not_prefix_stable():
     t = ChatTemplate("{{ messages | length }}{% for m in messages %}{{ m.content }}{% endfor %}")
     with pytest.raises(InputError, match="extension"):
         t.render_spans([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+
+
+def test_hugging_face_template_conventions():
+    t = ChatTemplate("{% if tools %}TOOLS{% endif %}{% for m in messages %}"
+                     "{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}"
+                     "{% endfor %}{{ strftime_now('%Y')|length }}")
+    assert t.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]) == \
+        "a4"

@@ -40,13 +40,16 @@ class ChatTemplate:
 
     def __init__(self, source: str, bos_token: str = "", eos_token: str = "") -> None:
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         if not isinstance(source, str) or not source.strip():
             raise InputError("a chat template must be a non-empty string")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            undefined=jinja2.StrictUndefined)
+        # The settings of Hugging Face's apply_chat_template, so that published templates
+        # render the same: blocks trimmed, {% break %}/{% continue %}, an undefined name is
+        # empty (templates test `tools` and friends that a request need not have).
+        env = _sandbox()(trim_blocks=True, lstrip_blocks=True,
+                         extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise_from_template
+        env.globals["strftime_now"] = _strftime_now
         env.filters["tojson"] = _tojson
         try:
             self._template = env.from_string(source)
@@ -65,10 +68,11 @@ class ChatTemplate:
 
         plain = check_messages(messages)
         try:
+            context = {"tools": None, "documents": None, **extra}
             return self._template.render(messages=plain,
                                          add_generation_prompt=add_generation_prompt,
                                          bos_token=self.bos_token, eos_token=self.eos_token,
-                                         **extra)
+                                         **context)
         except _TemplateRefusal as e:
             raise InputError(f"the chat template refused the messages: {e}") from None
         except SecurityError as e:
@@ -159,6 +163,24 @@ def check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
 
 class _TemplateRefusal(Exception):
     pass
+
+
+def _sandbox() -> type:
+    """Jinja's immutable sandbox, made strict about unsafe attributes: where Jinja would give
+    an empty value for `x.__class__` (and fail only when it is used), this raises at once."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+            raise SecurityError(f"{type(obj).__name__}.{attribute} is not allowed")
+
+    return Sandbox
+
+
+def _strftime_now(fmt: str) -> str:
+    import datetime
+
+    return datetime.datetime.now().strftime(fmt)
 
 
 def _raise_from_template(message: str) -> None:
