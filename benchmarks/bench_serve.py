@@ -1,9 +1,10 @@
 """`qkv serve` speed: HTTP against in-process decoding, batching, and a bounded load test.
 
-GPT-2 124M's shape with random weights (speed does not depend on the values), fp32, greedy, a
-character tokenizer (the output layer still has GPT-2's 50257 rows; a bias forbids the ids the
-tokenizer lacks, so every generated token is text). The server is a real `qkv serve`
-subprocess on a loopback port; the client is this process (httpx).
+GPT-2 124M's shape with random weights (speed does not depend on the values), greedy, fp32
+(--dtype bf16 or int8 for the server and the in-process baseline alike; Hugging Face stays at
+fp32 and bf16 autocast), a character tokenizer (the output layer still has GPT-2's 50257 rows;
+a bias forbids the ids the tokenizer lacks, so every generated token is text). The server is a
+real `qkv serve` subprocess on a loopback port; the client is this process (httpx).
 
 Measured, with the targets of the issue:
 1. single-stream decode over HTTP (tokens/s after the first token) vs in-process
@@ -25,6 +26,7 @@ Only loopback addresses are used, and every loop is bounded.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -76,13 +78,13 @@ def prompts(n: int, length: int) -> list[str]:
 # ---------------------------------------------------------------------- the server
 
 def start_server(directory: Path, port: int, threads: int, max_seqs: int,
-                 max_queue: int) -> subprocess.Popen:
+                 max_queue: int, dtype: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
         [sys.executable, "-m", "qkv.cli", "serve", str(directory), "--host", "127.0.0.1",
          "--port", str(port), "--threads", str(threads), "--max-seqs", str(max_seqs),
-         "--max-queue", str(max_queue), "--model-name", "bench"],
+         "--max-queue", str(max_queue), "--model-name", "bench", "--dtype", dtype],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -253,6 +255,9 @@ def main() -> int:
     ap.add_argument("--clients", type=int, help="load-test clients (default 100; quick 12)")
     ap.add_argument("--threads", type=int, help="PyTorch threads, here and in the server")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "int8"),
+                    help="the weights of the server and of the in-process baseline (default "
+                    "fp32; the exact-batching guarantee is for fp32)")
     args = ap.parse_args()
     new = args.new_tokens or (16 if args.quick else 128)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -260,13 +265,19 @@ def main() -> int:
     threads = set_threads(args.threads)
     model, tok = build(args.quick)
     cfg = model.config
+    served = model  # what the in-process baseline runs: the server's number format
+    if args.dtype == "bf16":
+        served = copy.deepcopy(model).to(torch.bfloat16)
+    elif args.dtype == "int8":
+        served = qkv.quantize_int8(copy.deepcopy(model))
     prompt_len = 32
     texts = prompts(8, prompt_len)
     print(f"model: {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}, "
-          f"{model.num_parameters() / 1e6:.1f}M parameters, fp32; {threads} threads; "
+          f"{model.num_parameters() / 1e6:.1f}M parameters, {args.dtype}; {threads} threads; "
           f"{new} new tokens; {rounds} round(s)", flush=True)
 
-    rate_in, ttft_in = in_process(model, tok, texts[0], new, rounds)
+    rate_in, ttft_in = in_process(served, tok, texts[0], new, rounds)
+    del served
     print(f"in-process qkv.generate: {rate_in:.1f} tok/s, first token {ttft_in * 1e3:.0f} ms",
           flush=True)
     hf = {}
@@ -281,7 +292,8 @@ def main() -> int:
         del model
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = start_server(Path(tmp) / "bench", port, threads, max_seqs=8, max_queue=64)
+        proc = start_server(Path(tmp) / "bench", port, threads, max_seqs=8, max_queue=64,
+                            dtype=args.dtype)
         try:
             stream_once(url, texts[0], 4)  # warm up
             singles = [stream_once(url, texts[0], new) for _ in range(rounds)]
