@@ -204,3 +204,41 @@ def test_a_full_queue_answers_429_with_retry_after_and_nothing_times_out():
         assert all(h is not None and int(h) >= 1 for h in headers)
         # and the server is healthy afterwards
         assert httpx.get(url + "/health").status_code == 200
+
+
+def test_mixed_load_of_streaming_plain_and_disconnecting_clients():
+    """A small version of the benchmark's load test: every request is answered (200 or 429),
+    none hangs, and afterwards nothing is left running."""
+    app = make_app(served_decoder(), max_seqs=4, max_queue=8)
+    with live_server(app) as url:
+        slow_steps(app, 0.002)
+        outcomes: list = []
+
+        def client(i: int) -> None:
+            body = {"model": "tiny", "prompt": PROMPTS[i % 8], "max_tokens": 24,
+                    "stream": i % 3 != 1}
+            try:
+                if i % 3 == 1:
+                    outcomes.append(httpx.post(url + "/v1/completions", json=body,
+                                               timeout=30).status_code)
+                    return
+                with httpx.stream("POST", url + "/v1/completions", json=body,
+                                  timeout=30) as r:
+                    chunks = 0
+                    for line in r.iter_lines():
+                        chunks += line.startswith("data: ")
+                        if i % 3 == 2 and chunks == 2:
+                            break  # hang up
+                    outcomes.append(r.status_code)
+            except Exception as e:  # a timeout or a broken connection: the test fails
+                outcomes.append(repr(e))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(30)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(outcomes) == 30
+        assert set(outcomes) <= {200, 429}, outcomes
+        assert outcomes.count(200) >= 8
+        assert wait_until_idle(app.state.qkv.engine, 2.0) <= 2.0
