@@ -78,13 +78,14 @@ def prompts(n: int, length: int) -> list[str]:
 # ---------------------------------------------------------------------- the server
 
 def start_server(directory: Path, port: int, threads: int, max_seqs: int,
-                 max_queue: int, dtype: str) -> subprocess.Popen:
+                 max_queue: int, dtype: str, exact: bool) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
         [sys.executable, "-m", "qkv.cli", "serve", str(directory), "--host", "127.0.0.1",
          "--port", str(port), "--threads", str(threads), "--max-seqs", str(max_seqs),
-         "--max-queue", str(max_queue), "--model-name", "bench", "--dtype", dtype],
+         "--max-queue", str(max_queue), "--model-name", "bench", "--dtype", dtype,
+         "--exact-batching" if exact else "--no-exact-batching"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -255,6 +256,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, help="load-test clients (default 100; quick 12)")
     ap.add_argument("--threads", type=int, help="PyTorch threads, here and in the server")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    ap.add_argument("--exact-batching", action=argparse.BooleanOptionalAction, default=True,
+                    help="the server's --exact-batching (default) or --no-exact-batching")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "int8"),
                     help="the weights of the server and of the in-process baseline (default "
                     "fp32; the exact-batching guarantee is for fp32)")
@@ -293,7 +296,7 @@ def main() -> int:
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_server(Path(tmp) / "bench", port, threads, max_seqs=8, max_queue=64,
-                            dtype=args.dtype)
+                            dtype=args.dtype, exact=args.exact_batching)
         try:
             stream_once(url, texts[0], 4)  # warm up
             singles = [stream_once(url, texts[0], new) for _ in range(rounds)]

@@ -12,6 +12,7 @@ import openai
 import pytest
 import torch
 
+import qkv
 from qkv.serve import Engine, Sampling, Sequence
 from serve_util import live_server, make_app, served_decoder, tiny_decoder
 
@@ -34,10 +35,10 @@ def slow_steps(app, seconds: float) -> None:
 # ---------------------------------------------------------------------- same numbers
 
 def run_engine(model, tok, prompts: list[str], watch: int, max_seqs: int = 8,
-               sampling: dict | None = None, pack: bool = True
+               sampling: dict | None = None, pack: bool = True, exact: bool = True
                ) -> tuple[list[torch.Tensor], str]:
     """Generate `prompts` together; return every logits row of prompt `watch` and its text."""
-    engine = Engine(model, tok, max_seqs=max_seqs, pack=pack)
+    engine = Engine(model, tok, max_seqs=max_seqs, pack=pack, exact=exact)
     rows: list[torch.Tensor] = []
     choose = engine._choose
 
@@ -100,6 +101,16 @@ def test_the_fixed_width_is_what_keeps_the_numbers_exact():
             layer32 = next(p[0] for p in engine.packed.layers if p[0].in_features == 32)
             y = torch.randn(8, 1, 32)
             assert torch.allclose(forward(y), layer32(y), atol=1e-5)
+
+
+def test_without_exact_batching_a_lone_stream_is_qkv_generate_and_batches_are_close():
+    model, tok = tiny_decoder(d_model=64, n_heads=4, n_layers=3)
+    alone, text = run_engine(model, tok, [PROMPTS[1]], 0, exact=False)
+    assert text == qkv.generate(model, tok, PROMPTS[1], max_new_tokens=40, temperature=0)
+    batched, _ = run_engine(model, tok, PROMPTS, 1, exact=False)
+    # the prompt's logits and the first batched step's (later ones may follow another token)
+    for a, b in zip(alone[:2], batched[:2], strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
 
 
 def test_rope_and_gqa_models_batch_exactly_too():

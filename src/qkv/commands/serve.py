@@ -48,6 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the largest max_tokens a request may ask for (default 4096)")
     p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, metavar="N",
                    help="the largest request body (default 1 MiB)")
+    p.add_argument("--exact-batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode on a fixed width of --max-seqs rows, so that greedy and seeded "
+                   "text is the same alone or under load (default); --no-exact-batching runs "
+                   "only the live rows: faster for a lone stream, text may vary under load")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="PyTorch threads (default: one per idle CPU)")
     p.set_defaults(func=run)
@@ -90,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     app = create_app(load, api_key=api_key, max_seqs=args.max_seqs, max_queue=args.max_queue,
                      max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes,
-                     on_load_error=on_load_error)
+                     on_load_error=on_load_error, exact_batching=args.exact_batching)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)

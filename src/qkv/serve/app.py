@@ -130,11 +130,12 @@ class ServerState:
     """The loaded model and its engine; `served` is None while loading."""
 
     def __init__(self, source: Served | Callable[[], Served], max_seqs: int, max_queue: int,
-                 on_load_error: Callable[[BaseException], None] | None = None) -> None:
+                 on_load_error: Callable[[BaseException], None] | None = None,
+                 exact: bool = True) -> None:
         self.served: Served | None = None
         self.engine: Engine | None = None
         self.load_error: str | None = None
-        self.max_seqs, self.max_queue = max_seqs, max_queue
+        self.max_seqs, self.max_queue, self.exact = max_seqs, max_queue, exact
         self.on_load_error = on_load_error
         if isinstance(source, Served):
             self._ready(source)
@@ -155,7 +156,7 @@ class ServerState:
     def _ready(self, served: Served) -> None:
         # Only a decoder's linear layers run in the batched step (and get packed weights).
         self.engine = Engine(served.model, served.tokenizer, self.max_seqs, self.max_queue,
-                             pack=served.family == "decoder")
+                             pack=served.family == "decoder", exact=self.exact)
         self.served = served  # last: requests see a model only once its engine runs
 
     def close(self) -> None:
@@ -168,10 +169,12 @@ class ServerState:
 def create_app(source: Served | Callable[[], Served], *, api_key: str | None = None,
                max_seqs: int = 8, max_queue: int = 64, max_tokens: int = MAX_TOKENS,
                max_body_bytes: int = MAX_BODY_BYTES,
-               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_load_error: Callable[[BaseException], None] | None = None,
+               exact_batching: bool = True) -> FastAPI:
     """The FastAPI app serving `source`: a Served, or a function that loads one (then the app
-    answers 503 until it has finished, in a background thread)."""
-    state = ServerState(source, max_seqs, max_queue, on_load_error)
+    answers 503 until it has finished, in a background thread). exact_batching=False trades
+    the same-text-under-load guarantee for single-stream speed (see engine.py)."""
+    state = ServerState(source, max_seqs, max_queue, on_load_error, exact_batching)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

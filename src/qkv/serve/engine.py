@@ -25,6 +25,10 @@ compiler uses for CPU inference), which lays each weight out once for a batch of
 rows instead of at every call; eight rows then cost about what one row costs with `nn.Linear`.
 The price is a second copy of the weights in memory; `pack=False` turns it off.
 
+`exact=False` gives up the guarantee for speed when few sequences run: the step then has as
+many rows as running sequences, so a lone sequence costs what it costs in `qkv.generate`, but
+its text may change (by an fp32 rounding that flips an argmax) when others join it.
+
 Waiting requests are bounded (`max_queue`); beyond that `submit` raises QueueFull (HTTP 429).
 """
 
@@ -100,8 +104,9 @@ class Engine:
     """Runs the sequences of many requests on one decoder model, in a background thread."""
 
     def __init__(self, model: nn.Module, tokenizer, max_seqs: int = 8,
-                 max_queue: int = 64, pack: bool = True) -> None:
+                 max_queue: int = 64, pack: bool = True, exact: bool = True) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.exact = exact
         self.packed = _PackedLinears(model, max_seqs) if pack else _PackedLinears(None, 0)
         self.max_seqs, self.max_queue = max_seqs, max_queue
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -219,9 +224,10 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self, seqs: list[Sequence]) -> None:
-        """One new token for each running sequence, linear layers on `max_seqs` rows."""
+        """One new token for each running sequence, linear layers on `max_seqs` rows (on as
+        many rows as sequences when not `exact`)."""
         model, dec = self.model, self.model.decoder
-        W = self.max_seqs
+        W = self.max_seqs if self.exact else len(seqs)
         ids = torch.zeros(W, 1, dtype=torch.long, device=self.device)
         positions = torch.zeros(W, 1, dtype=torch.long, device=self.device)
         for r, seq in enumerate(seqs):
