@@ -19,6 +19,7 @@ Measured, with the targets of the issue:
 
     python benchmarks/bench_serve.py            # the full run (~10 minutes on a 2-core CPU)
     python benchmarks/bench_serve.py --quick    # a tiny model, a few seconds: a smoke test
+    python benchmarks/bench_serve.py --steps-only   # one decoding step: engine vs qkv.generate
 
 Only loopback addresses are used, and every loop is bounded.
 """
@@ -157,6 +158,48 @@ def in_process(model, tok, prompt: str, new: int, rounds: int) -> tuple[float, f
     return best_rate, best_ttft
 
 
+def step_costs(model, tok, max_seqs: int = 8, repeats: int = 6) -> dict[str, float]:
+    """Seconds per decoding step, best of `repeats` x 2, without HTTP: the engine's step for one
+    and for `max_seqs` sequences (exact batching: always `max_seqs` rows), and the one-row step
+    of `qkv.generate`. They interleave, so a busy machine slows them alike."""
+    from qkv.generate import _last_logits
+    from qkv.serve import Engine, Sampling, Sequence
+
+    engine = Engine(model, tok, max_seqs=max_seqs)
+    engine.close()  # its thread is not needed: the steps are called here
+
+    def sequences(k: int) -> list:
+        seqs = [Sequence(tok.encode(TEXT[:32], add_special_tokens=False),
+                         Sampling(max_tokens=10**6, temperature=0), lambda event: None)
+                for _ in range(k)]
+        for seq in seqs:
+            engine._prefill(seq)
+        engine.running = []
+        return seqs
+
+    one, full = sequences(1), sequences(max_seqs)
+    cache = model.new_cache()
+    with torch.inference_mode():
+        _last_logits(model, torch.tensor([tok.encode(TEXT[:32], add_special_tokens=False)]),
+                     None, None, cache)
+
+    def generate_step() -> None:
+        with torch.inference_mode():
+            _last_logits(model, torch.tensor([[5]]), None, None, cache)
+
+    cases = {"engine, 1 sequence": lambda: engine._step(one),
+             f"engine, {max_seqs} sequences": lambda: engine._step(full),
+             "qkv.generate, 1 row": generate_step}
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            fn()
+            best[name] = min(best[name], (time.perf_counter() - start) / 2)
+    return best
+
+
 def concurrent_streams(url: str, texts: list[str], new: int) -> tuple[float, list[dict]]:
     results: list[dict] = [{} for _ in texts]
 
@@ -256,6 +299,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, help="load-test clients (default 100; quick 12)")
     ap.add_argument("--threads", type=int, help="PyTorch threads, here and in the server")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="only the cost of one decoding step, engine vs qkv.generate (fp32)")
     ap.add_argument("--exact-batching", action=argparse.BooleanOptionalAction, default=True,
                     help="the server's --exact-batching (default) or --no-exact-batching")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "int8"),
@@ -279,6 +324,11 @@ def main() -> int:
           f"{model.num_parameters() / 1e6:.1f}M parameters, {args.dtype}; {threads} threads; "
           f"{new} new tokens; {rounds} round(s)", flush=True)
 
+    costs = step_costs(model, tok)
+    for name, seconds in costs.items():
+        print(f"one decoding step, {name}: {seconds * 1e3:.1f} ms (no HTTP)", flush=True)
+    if args.steps_only:
+        return 0
     rate_in, ttft_in = in_process(served, tok, texts[0], new, rounds)
     del served
     print(f"in-process qkv.generate: {rate_in:.1f} tok/s, first token {ttft_in * 1e3:.0f} ms",
