@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .train import _one_line_errors, _positive_int
+from ._args import one_line_errors, positive_int
 
 ORDER = 25
 
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "       -d '{\"model\": \"gpt\", \"prompt\": \"ROMEO:\", \"max_tokens\": 50}'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _one_line_errors(p)
+    one_line_errors(p)
     p.add_argument("dir", help="model directory (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
@@ -40,19 +40,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the model id clients send (default: the directory's name)")
     p.add_argument("--chat-template", metavar="FILE",
                    help="a Jinja chat template (default: the model directory's, if any)")
-    p.add_argument("--max-seqs", type=_positive_int, default=8, metavar="N",
+    p.add_argument("--max-seqs", type=positive_int, default=8, metavar="N",
                    help="sequences decoded together (default 8)")
-    p.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
+    p.add_argument("--max-queue", type=positive_int, default=64, metavar="N",
                    help="requests waiting for a slot before 429 (default 64)")
-    p.add_argument("--max-tokens", type=_positive_int, default=4096, metavar="N",
+    p.add_argument("--max-tokens", type=positive_int, default=4096, metavar="N",
                    help="the largest max_tokens a request may ask for (default 4096)")
-    p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, metavar="N",
+    p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, metavar="N",
                    help="the largest request body (default 1 MiB)")
     p.add_argument("--exact-batching", action=argparse.BooleanOptionalAction, default=True,
                    help="decode on a fixed width of --max-seqs rows, so that greedy and seeded "
                    "text is the same alone or under load (default); --no-exact-batching runs "
                    "only the live rows: faster for a lone stream, text may vary under load")
-    p.add_argument("--threads", type=_positive_int, metavar="N",
+    p.add_argument("--threads", type=positive_int, metavar="N",
                    help="PyTorch threads (default: one per idle CPU)")
     p.set_defaults(func=run)
 
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoint import read_config_json
     from ..errors import InputError
-    from ..train.hardware import set_threads
+    from ..hardware import set_threads
 
     try:
         import uvicorn
