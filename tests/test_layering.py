@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("qkv.train",),
     ("qkv.tasks", "qkv.embeddings"),
     ("qkv.pipelines",),
-    ("qkv.commands", "qkv.cli", "qkv.serve"),
+    ("qkv.commands", "qkv.cli", "qkv.serve", "qkv.__main__"),
 ]
 
 

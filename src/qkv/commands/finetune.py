@@ -9,6 +9,7 @@ import sys
 
 from ..hardware import resolve_device
 from ..tasks.classify import ClassifySettings, finetune_classify_files
+from ..train import distributed
 from ._args import device, parse_duration, positive_float, positive_int
 
 ORDER = 40
@@ -79,6 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out exactly (repeat its other flags)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--nproc", type=positive_int, default=1, metavar="N",
+                   help="train with N processes on this machine (runs torchrun, DDP; "
+                   "--batch-size stays the global batch; docs/distributed.md)")
     c.set_defaults(func=run_classify)
     p.set_defaults(func=lambda args: _no_task(p))
 
@@ -89,6 +93,16 @@ def _no_task(parser: argparse.ArgumentParser) -> int:
 
 
 def run_classify(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and not distributed.launched():
+        return distributed.relaunch(args.nproc, distributed.strip_option(sys.argv[1:],
+                                                                         "--nproc"))
+    try:
+        return _run_classify(args)
+    finally:
+        distributed.finish()
+
+
+def _run_classify(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.label_names.split(",")] if args.label_names else None
     settings = ClassifySettings(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -98,7 +112,10 @@ def run_classify(args: argparse.Namespace) -> int:
         label_names=names, seed=args.seed, compile=args.compile, progress=not args.no_progress)
     result = finetune_classify_files(args.model, args.train, args.dev, args.out,
                                      args.text_column, args.label_column, settings,
-                                     str(resolve_device(args.device)), resume=args.resume)
+                                     str(distributed.start(resolve_device(args.device))),
+                                     resume=args.resume)
+    if not distributed.is_main():  # rank 0 reports for all
+        return 0 if result.stopped_by not in ("SIGINT", "SIGTERM") else 143
     if result.stopped_by in ("SIGINT", "SIGTERM"):
         print(f"qkv finetune: stopped at step {result.steps}; resume with the same command and "
               f"--resume (--out {shlex.quote(str(result.out))})", file=sys.stderr)

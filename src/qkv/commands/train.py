@@ -11,7 +11,7 @@ from pathlib import Path
 from ..data import corpus_files
 from ..generate import generate
 from ..tasks.mlm import fill_mask, masked_lm_objective
-from ..train import TrainConfig, next_token_objective, train
+from ..train import TrainConfig, distributed, next_token_objective, train
 from ..train.checkpoint import find_training_checkpoint, read_state
 from ._args import device, parse_duration, positive_float, positive_int
 
@@ -24,6 +24,8 @@ EPILOG = """examples:
   qkv train --preset gpt-char-tiny --max-steps 500 --precision fp32
   qkv train --out runs/mine --resume          continue an interrupted run exactly
   qkv train --family encoder --data my.txt --out runs/bert   a masked-LM BERT (bert-tiny)
+  qkv train --nproc 2 --out runs/ddp          2 processes (torchrun, DDP); same result as 1
+  torchrun --nproc_per_node=8 -m qkv train --fsdp ...   8 GPUs, the model sharded (FSDP2)
 
 Ctrl-C saves a checkpoint and prints the command that resumes it."""
 
@@ -95,6 +97,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     run_.add_argument("--precision", choices=("auto", "bf16", "fp32"),
                       help="auto (default): bf16 where the hardware has it, else fp32")
     run_.add_argument("--compile", action="store_true", help="use torch.compile")
+    run_.add_argument("--nproc", type=positive_int, metavar="N",
+                      help="train with N processes on this machine (runs torchrun; "
+                      "--batch-size stays the global batch; docs/distributed.md)")
+    run_.add_argument("--fsdp", action="store_true",
+                      help="under torchrun: shard the model over the processes (FSDP2) "
+                      "instead of copying it to each (DDP)")
     run_.add_argument("--seed", type=int)
     run_.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads")
     run_.add_argument("--eval-every", type=positive_int, metavar="N")
@@ -109,7 +117,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    nproc = getattr(args, "nproc", 1)
+    if nproc > 1 and not distributed.launched():
+        return distributed.relaunch(nproc, distributed.strip_option(sys.argv[1:], "--nproc"))
+    try:
+        return _run(args)
+    finally:
+        distributed.finish()
+
+
+def _run(args: argparse.Namespace) -> int:
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "nproc")}
     resume = given.pop("resume", False)
     overwrite = given.pop("overwrite", False)
     progress = not given.pop("no_progress", False)
@@ -129,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     objective = masked_lm_objective if cfg.family == "encoder" else next_token_objective
     result = train(cfg, resume=resume, overwrite=overwrite, objective=objective)
     out = shlex.quote(str(result.out))
+    if not distributed.is_main():  # rank 0 reports for all
+        return 0 if result.stopped_by not in ("SIGINT", "SIGTERM") else 143
     if result.stopped_by in ("SIGINT", "SIGTERM"):
         print(f"qkv train: stopped at step {result.step}; resume with:\n"
               f"  qkv train --out {out} --resume", file=sys.stderr)

@@ -40,7 +40,7 @@ from ..errors import InputError
 from ..hardware import autocast, resolve_precision
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from ..train import LoopConfig, Objective, Schedule, fit, make_optimizer
+from ..train import LoopConfig, Objective, Schedule, distributed, fit, make_optimizer
 from .common import load_model
 
 POOLINGS = ("mean", "cls", "last", "max", "pooler")
@@ -274,7 +274,7 @@ def finetune_classifier(model: Transformer, tokenizer: Tokenizer,
         time_limit=s.time_limit, grad_clip=s.grad_clip, eval_every=s.eval_every, device=device,
         precision=precision, compile=s.compile, progress=s.progress, name="finetune")
     out = Path(out) if out is not None else None
-    if out is not None and not resume:
+    if out is not None and not resume and distributed.is_main():  # rank 0 writes (torchrun)
         out.mkdir(parents=True, exist_ok=True)
         model.config.to_json(out / CONFIG)
         tokenizer.save(out / TOKENIZER)

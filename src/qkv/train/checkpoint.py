@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import CONFIG, WEIGHTS, read_safetensors, save_weights
+from ..checkpoint import CONFIG, WEIGHTS, read_safetensors
 from ..errors import CheckpointError
 
 TRAINING, STATE, OPTIMIZER = "training", "state.json", "optimizer.safetensors"
@@ -59,16 +59,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_training_checkpoint(out: Path, model: torch.nn.Module,
+def save_training_checkpoint(out: Path, weights: dict[str, torch.Tensor],
                              optimizer_state: tuple[dict[str, torch.Tensor], dict[str, str]],
                              state: dict[str, Any]) -> Path:
-    """Write out/training/ atomically (see the module docstring); returns its path."""
+    """Write out/training/ atomically (see the module docstring); returns its path. `weights`
+    is the model's state dict as saved (tied weights once)."""
     out = Path(out)
     final, tmp, old = out / TRAINING, out / f"{TRAINING}.tmp", out / f"{TRAINING}.old"
     if tmp.exists():  # left over by a run killed while writing
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_weights(model, tmp / WEIGHTS, getattr(model, "tied_weights", dict)())
+    save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+    with open(tmp / WEIGHTS, "rb+") as f:
+        os.fsync(f.fileno())
     tensors, metadata = optimizer_state
     save_file(tensors, str(tmp / OPTIMIZER), metadata=metadata)
     with open(tmp / OPTIMIZER, "rb+") as f:
@@ -129,9 +132,9 @@ def is_run_dir(out: Path) -> bool:
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     """The states of torch's random generators, as JSON-safe strings."""
-    state: dict[str, Any] = {"torch": _b64(torch.get_rng_state())}
+    state: dict[str, Any] = {"torch": b64(torch.get_rng_state())}
     if device.type == "cuda":
-        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+        state["cuda"] = [b64(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
@@ -141,7 +144,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
 
 
-def _b64(t: torch.Tensor) -> str:
+def b64(t: torch.Tensor) -> str:
     return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
 
 

@@ -56,7 +56,9 @@ class TrainConfig:
         model saved, a checkpoint written; a log line every log_every updates.
     Runtime
         out (default runs/<preset>), device, precision ("auto": bf16 where the hardware has it),
-        compile (torch.compile), seed, threads, progress (the progress bar).
+        compile (torch.compile), seed, threads, progress (the progress bar), fsdp (under
+        torchrun: shard the model with FSDP2 instead of copying it with DDP;
+        docs/distributed.md).
     """
 
     family: str = "decoder"
@@ -96,6 +98,7 @@ class TrainConfig:
     seed: int = 1337
     threads: int | None = None
     progress: bool = True
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

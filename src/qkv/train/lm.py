@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..batching import evaluating
-from ..checkpoint import CONFIG, TOKENIZER, WEIGHTS
+from ..checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_weights
 from ..config import ModelConfig
 from ..data import (
     LMBatches,
@@ -39,6 +39,7 @@ from ..hardware import autocast, resolve_device, resolve_precision, set_threads
 from ..model import Transformer
 from ..presets import get as get_preset
 from ..tokenizer import Tokenizer
+from . import distributed
 from .checkpoint import find_training_checkpoint, read_state
 from .config import TrainConfig
 from .log import printer
@@ -97,14 +98,18 @@ def mean_loss(model: torch.nn.Module, batches: list[Batch],
               loss: Callable[..., torch.Tensor], device: torch.device,
               precision: str = "fp32") -> float:
     """Mean loss per target over fixed (x, y) batches, where `loss(model, x, y, reduction=
-    "sum")` sums a batch's loss; only the targets that are not -100 count."""
-    total, count = 0.0, 0
+    "sum")` sums a batch's loss; only the targets that are not -100 count. Under torchrun each
+    rank takes its share of the batches and the sums are added up."""
+    total, count = 0.0, 0.0
     with evaluating(model):
-        for x, y in batches:
+        for (x, y), counts in distributed.my_share(batches):
             x, y = x.to(device), y.to(device)
             with autocast(device, precision):
-                total += loss(model, x, y, reduction="sum").item()
-            count += int((y != -100).sum())
+                batch_total = loss(model, x, y, reduction="sum").item()
+            if counts:  # a rank short of batches runs a copy, to keep in step with the others
+                total += batch_total
+                count += float((y != -100).sum())
+    total, count = distributed.sum_over_ranks(total, count)
     return total / max(count, 1)
 
 
@@ -124,7 +129,12 @@ def loss_objective(batches: Any, val_batches: list[Batch], loss: Callable[..., t
         return {"val_loss": val, "val_ppl": math.exp(val)}
 
     return Objective(batches=batches, loss=lambda model, batch: loss(model, *batch),
-                     evaluate=evaluate_val, best=[("val_loss", "min")])
+                     evaluate=evaluate_val, best=[("val_loss", "min")], weight=targets)
+
+
+def targets(batch: Batch) -> float:
+    """The number of targets of an (x, y) batch: the labels that are not -100."""
+    return float((batch[-1] != -100).sum())
 
 
 def next_token_objective(model: Transformer, data: LMData) -> Objective:
@@ -162,8 +172,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool,
            make_objective: ObjectiveFactory) -> TrainResult:
     assert cfg.preset and cfg.tokenizer and cfg.lr and cfg.warmup_steps is not None  # __post_init__
     out = Path(cfg.out_dir)
-    say = printer(cfg.progress)
-    device = resolve_device(cfg.device)
+    say = printer(cfg.progress and distributed.is_main())
+    device = distributed.start(resolve_device(cfg.device))  # under torchrun: join the others
     precision = resolve_precision(cfg.precision, device)
     threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
 
@@ -179,14 +189,17 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool,
     files = corpus_files(cfg.data)
     corpus_hash = fingerprint(files)  # also checks the files are UTF-8 text and not empty
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out.resolve().parent / ".qkv-cache"
-    if resume and state is not None:
-        tokenizer = Tokenizer.load(out / TOKENIZER)
-        if state["data"]["corpus_sha256"] != corpus_hash:
-            say(f"warning: the data differs from the checkpoint's ({cfg.data or 'bundled'}); "
-                "training goes on with the new data", warning=True)
-    else:
-        tokenizer = fit_tokenizer(files, cfg.tokenizer, cfg.vocab_size, cache_dir, corpus_hash)
-    tokens = tokenize_corpus(files, tokenizer, cache_dir, corpus_hash, progress=cfg.progress)
+    with distributed.main_first():  # rank 0 fills the cache, the others read it
+        if resume and state is not None:
+            tokenizer = Tokenizer.load(out / TOKENIZER)
+            if state["data"]["corpus_sha256"] != corpus_hash:
+                say(f"warning: the data differs from the checkpoint's ({cfg.data or 'bundled'})"
+                    "; training goes on with the new data", warning=True)
+        else:
+            tokenizer = fit_tokenizer(files, cfg.tokenizer, cfg.vocab_size, cache_dir,
+                                      corpus_hash)
+        tokens = tokenize_corpus(files, tokenizer, cache_dir, corpus_hash,
+                                 progress=cfg.progress and distributed.is_main())
 
     if resume and state is not None:
         model_cfg = ModelConfig.from_json(out / CONFIG)
@@ -209,10 +222,10 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool,
         time_limit=cfg.time_limit, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
         eval_every=cfg.eval_every, log_every=cfg.log_every,
         eval_cost=cfg.eval_windows / (3 * cfg.batch_size * cfg.grad_accum), device=device,
-        precision=precision, compile=cfg.compile, progress=cfg.progress)
+        precision=precision, compile=cfg.compile, progress=cfg.progress, fsdp=cfg.fsdp)
     if resume and state is not None:
         say(f"resuming {out} at step {state['step']}")
-    else:
+    elif distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         model_cfg.to_json(out / CONFIG)
         tokenizer.save(out / TOKENIZER)
@@ -224,6 +237,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool,
              "data": {"corpus_sha256": corpus_hash, "files": [str(f) for f in files],
                       "train_tokens": len(train_ids), "val_tokens": len(val_ids)}}
     result = fit(model, optimizer, objective, loop, out, resume, extra, callback)
+    if cfg.fsdp and distributed.active():  # the model is in shards: return the best one, whole
+        model = Transformer(model_cfg).to(device).eval()
+        load_weights(model, out / WEIGHTS)
     last = result.metrics or {}
     return TrainResult(
         out=out, model=model, tokenizer=tokenizer, step=result.step, max_steps=result.max_steps,

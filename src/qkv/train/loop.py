@@ -17,6 +17,10 @@ task. Ctrl-C (SIGINT) and SIGTERM do not kill the run: the loop finishes its ste
 checkpoint and returns; `fit(..., resume=True)` then continues exactly, with the very losses an
 uninterrupted run would have had. Without `out`, nothing is written and the best weights are
 kept in memory.
+
+Under torchrun the same loop runs in every process: train/distributed.py shards each micro-batch,
+weights the losses by the global target count, synchronises the gradients (DDP or FSDP2), and
+lets rank 0 alone log and write; all ranks agree on when to stop.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ import torch
 
 from .._version import __version__
 from ..batching import evaluating
-from ..checkpoint import WEIGHTS, load_weights, save_weights
+from ..checkpoint import WEIGHTS, load_weights
 from ..errors import CheckpointError
 from ..hardware import autocast, training_attention
+from ..io import atomic_write_safetensors
 from .checkpoint import (
+    b64,
     find_training_checkpoint,
     read_optimizer,
     read_state,
@@ -45,6 +51,7 @@ from .checkpoint import (
     save_training_checkpoint,
     set_rng_state,
 )
+from .distributed import Parallel, is_main, rank, world_size
 from .log import LOG, ProgressBar, StopRequest, append_log, printer, truncate_log
 from .objective import Objective
 from .optim import Schedule, fit_schedule, load_optimizer_tensors, optimizer_tensors, set_lr
@@ -71,6 +78,7 @@ class LoopConfig:
     compile: bool = False
     progress: bool = True
     name: str = "train"
+    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
 
 
 @dataclass
@@ -118,6 +126,7 @@ class _Fit:
         self.metrics: dict[str, float] | None = None  # of the last evaluation
         self.best_step, self.history = 0, []
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.par: Parallel
 
     # ---- 1. resume, or start a fresh run directory ---------------------------------------------
     def resume(self) -> None:
@@ -128,16 +137,20 @@ class _Fit:
         load_weights(self.model, folder / WEIGHTS)
         load_optimizer_tensors(self.optimizer, self.names, *read_optimizer(folder))
         self.objective.batches.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks", [])  # one state per rank (a run of several processes)
+        set_rng_state(ranks[rank()] if rank() < len(ranks) else state["rng"])
         self.step, self.elapsed, self.seen = state["step"], state["elapsed"], state["seen"]
         self.best, self.best_step = state["best"], state["best_step"]
         if self.max_steps is None and self.loop.time_limit is None:
             self.max_steps = state["max_steps"]
-        truncate_log(self.out / LOG, self.step)  # lines written after the checkpoint
+        if is_main():
+            truncate_log(self.out / LOG, self.step)  # lines written after the checkpoint
 
     def fresh(self) -> None:
         """Nothing of an earlier run in `out` may be resumed or loaded."""
-        if self.out is None:
+        if world_size() > 1:  # the ranks' dropout differs (the data is sharded by rows)
+            torch.manual_seed(torch.initial_seed() + rank())
+        if self.out is None or not is_main():
             return
         self.out.mkdir(parents=True, exist_ok=True)
         for old in ("training", "training.old", "training.tmp"):
@@ -146,21 +159,36 @@ class _Fit:
         (self.out / LOG).unlink(missing_ok=True)
 
     def checkpoint(self) -> None:
+        """Every rank takes part (the state is gathered); rank 0 writes."""
         if self.out is None:
             return
-        if not (self.out / WEIGHTS).exists():  # no evaluation yet: the current model is best
-            save_weights(self.model, self.out / WEIGHTS, self.model.tied_weights())
-        save_training_checkpoint(self.out, self.model,
-                                 optimizer_tensors(self.optimizer, self.names), {
-            "step": self.step, "max_steps": self.max_steps, "best": self.best,
-            "best_step": self.best_step, "elapsed": self.elapsed, "seen": self.seen,
-            "sampler": self.objective.batches.state_dict(), "rng": rng_state(self.loop.device),
-            "precision": self.loop.precision, "qkv_version": __version__, **self.extra_state})
+        weights, rng = self.weights(), rng_state(self.loop.device)
+        ranks = self.par.rng_states(torch.get_rng_state())
+        with self.par.optimizer_full(self.optimizer):
+            optimizer = optimizer_tensors(self.optimizer, self.names)
+        if self.par.main:
+            if not (self.out / WEIGHTS).exists():  # no evaluation yet: the current one is best
+                atomic_write_safetensors(self.out / WEIGHTS, weights)
+            save_training_checkpoint(self.out, weights, optimizer, {
+                "step": self.step, "max_steps": self.max_steps, "best": self.best,
+                "best_step": self.best_step, "elapsed": self.elapsed, "seen": self.seen,
+                "sampler": self.objective.batches.state_dict(), "rng": rng,
+                **({"rng_ranks": [b64(r) for r in ranks]} if len(ranks) > 1 else {}),
+                "precision": self.loop.precision, "qkv_version": __version__,
+                **self.extra_state})
+        self.par.barrier()
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The model's weights as saved: whole, without wrapper prefixes, tied ones once."""
+        tied = self.model.tied_weights()
+        return {k: v for k, v in self.par.weights().items() if k not in tied}
 
     # ---- 2. the loop ----------------------------------------------------------------------------
     def run(self, resume: bool) -> FitResult:
         loop, objective = self.loop, self.objective
         self.resume() if resume else self.fresh()
+        self.par = Parallel(self.model, self.optimizer, loop.device, loop.fsdp)
+        self.names = {id(p): name for name, p in self.model.named_parameters()}  # FSDP's new ones
         loss_fn = self.compiled_loss() if loop.compile else objective.loss
         loss_sum, counted = torch.zeros((), device=loop.device), 0
         start = last_log_time = time.perf_counter()
@@ -168,7 +196,7 @@ class _Fit:
         last_log_seen = self.seen
         calibration: tuple[int, float] | None = None
         stopped_by, train_loss, per_s, evaluated = None, None, 0.0, False
-        self.bar = ProgressBar(loop.progress, self.step, self.max_steps,
+        self.bar = ProgressBar(loop.progress and self.par.main, self.step, self.max_steps,
                                "training" if loop.name == "train" else loop.name,
                                {"tokens": "tok", "examples": "ex"}.get(objective.unit,
                                                                        objective.unit))
@@ -176,9 +204,12 @@ class _Fit:
             while self.max_steps is None or self.step < self.max_steps:
                 lr = loop.schedule.at(self.step, self.max_steps or 10**12)
                 set_lr(self.optimizer, lr)
-                for _ in range(loop.grad_accum):  # their gradients add up
-                    loss = self.forward_backward(loss_fn, next(objective.batches))
-                    loss_sum += loss.detach()
+                for i in range(loop.grad_accum):  # their gradients add up
+                    batch = next(objective.batches)
+                    self.seen += objective.count(batch)
+                    batch, scale = self.par.shard(batch, objective.weight)  # this rank's rows
+                    loss = self.forward_backward(loss_fn, batch, scale, i + 1 < loop.grad_accum)
+                    loss_sum += loss.detach() * scale
                     counted += 1
                 if loop.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), loop.grad_clip)
@@ -194,27 +225,30 @@ class _Fit:
                                                      loop.time_limit or 0.0, loop.eval_cost,
                                                      loop.eval_every, calibration)
                     self.max_steps = None if more is None else first_step + more
-                last = self.step == self.max_steps or out_of_time or stop.signal is not None
-                evaluated = self.eval_due() or (last and stop.signal is None)
+                signal, out_of_time, self.max_steps = self.par.agree(stop.signal, out_of_time,
+                                                                     self.max_steps)
+                last = self.step == self.max_steps or out_of_time or signal is not None
+                evaluated = self.eval_due() or (last and signal is None)
                 if not (evaluated or last or (loop.log_every and self.step % loop.log_every == 0)):
                     continue
 
-                train_loss = loss_sum.item() / counted
+                train_loss = self.par.mean(loss_sum).item() / counted
                 loss_sum.zero_()
                 counted = 0
                 per_s = (self.seen - last_log_seen) / max(now - last_log_time, 1e-9)
                 self.report(train_loss, lr, per_s, last_log_step, evaluated)
                 last_log_time, last_log_step = time.perf_counter(), self.step
                 last_log_seen = self.seen
-                if stop.signal is not None or out_of_time:
-                    stopped_by = stop.signal or "time limit"
+                if signal is not None or out_of_time:
+                    stopped_by = signal or "time limit"
                     break
             self.bar.close()
             if stopped_by is not None and not evaluated:
                 self.checkpoint()
+            self.par.barrier()  # every file is written before any rank goes on
 
         # ---- 3. finish -------------------------------------------------------------------------
-        if stopped_by in ("SIGINT", "SIGTERM") and self.out is not None:
+        if stopped_by in ("SIGINT", "SIGTERM") and self.out is not None and self.par.main:
             printer(True, loop.name)(f"{stopped_by}: saved a checkpoint at step {self.step} in "
                                      f"{self.out / 'training'}", warning=True)
         return FitResult(
@@ -223,15 +257,16 @@ class _Fit:
             elapsed=self.elapsed, stopped_by=stopped_by, history=self.history,
             best_state=self.best_state)
 
-    def forward_backward(self, loss_fn: Callable[..., torch.Tensor], batch: Any) -> torch.Tensor:
-        """The loss of one micro-batch, whose gradient is added to the parameters' .grad."""
+    def forward_backward(self, loss_fn: Callable[..., torch.Tensor], batch: Any,
+                         scale: float = 1.0, accumulating: bool = False) -> torch.Tensor:
+        """The loss of one micro-batch, whose gradient (times `scale`) is added to the
+        parameters' .grad (and, unless `accumulating`, synchronised across the ranks)."""
         device, precision = self.loop.device, self.loop.precision
         batch = tuple(t.to(device, non_blocking=True) for t in batch)
-        self.seen += self.objective.count(batch)
-        with training_attention(device, precision):
+        with training_attention(device, precision), self.par.accumulating(accumulating):
             with autocast(device, precision):
-                loss = loss_fn(self.model, batch)
-            (loss / self.loop.grad_accum).backward()
+                loss = self.par.call(loss_fn, batch)
+            (loss * scale / self.loop.grad_accum).backward()
         return loss
 
     def eval_due(self) -> bool:
@@ -251,9 +286,9 @@ class _Fit:
             record.update({k: round(v, 6) for k, v in metrics.items()})
             first = self.objective.best[0][0]
             record[f"best_{first}"] = round((self.best or metrics)[first], 6)
-        if self.out is not None:
+        if self.out is not None and self.par.main:
             append_log(self.out / LOG, record)
-        if self.callback is not None:
+        if self.callback is not None and self.par.main:
             self.callback(record)
         self.history.append(record)
         self.bar.update(self.step - last_log_step, train_loss, per_s, lr, self.max_steps)
@@ -266,14 +301,15 @@ class _Fit:
     def evaluate(self) -> dict[str, float]:
         """The objective's metrics; the best model so far is saved (or kept in memory)."""
         with evaluating(self.model), autocast(self.loop.device, self.loop.precision):
-            metrics = self.metrics = self.objective.evaluate(self.model)
+            metrics = self.metrics = self.par.evaluate(self.objective.evaluate)
         if self.best is None or self.objective.score(metrics) > self.objective.score(self.best):
             self.best, self.best_step = dict(metrics), self.step
             if self.out is not None:
-                save_weights(self.model, self.out / WEIGHTS, self.model.tied_weights())
+                weights = self.weights()  # every rank: FSDP gathers
+                if self.par.main:
+                    atomic_write_safetensors(self.out / WEIGHTS, weights)
             else:
-                self.best_state = {k: v.detach().clone()
-                                   for k, v in self.model.state_dict().items()}
+                self.best_state = {k: v.detach().clone() for k, v in self.par.weights().items()}
         return metrics
 
     def compiled_loss(self) -> Callable[..., torch.Tensor]:
@@ -282,10 +318,10 @@ class _Fit:
         random state and the data position are restored."""
         logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break notices
         rng, position = torch.get_rng_state(), self.objective.batches.state_dict()
-        seen = self.seen
         try:
             compiled = torch.compile(self.objective.loss)
-            self.forward_backward(compiled, next(self.objective.batches))
+            batch, scale = self.par.shard(next(self.objective.batches), self.objective.weight)
+            self.forward_backward(compiled, batch, scale)
             return compiled
         except Exception as e:  # any failure inside the compiler stack
             first_line = (str(e).strip().splitlines() or [""])[0][:120]
@@ -296,4 +332,3 @@ class _Fit:
             self.model.zero_grad(set_to_none=True)
             torch.set_rng_state(rng)
             self.objective.batches.load_state_dict(position)
-            self.seen = seen

@@ -12,6 +12,10 @@ handed an Objective, built by the code that knows the task:
     best       the metrics that pick the best model, in order, with their direction:
                [("val_loss", "min")], or [("dev_accuracy", "max"), ("dev_loss", "min")]
     count      count(batch) -> how many `unit`s a micro-batch holds (for throughput: tokens/s)
+    weight     optional: weight(batch) -> how many targets the loss of a micro-batch averages
+               over (default: its rows). Several processes take shares of a micro-batch and
+               weight their losses by it, so the mean is over the whole batch's targets
+               (train/distributed.py); a loss averaged over tokens must say so here.
     eval_due   optional: eval_due(step) -> True where an evaluation is due besides every
                `eval_every` updates (the end of an epoch)
     progress   optional: progress() -> {"epoch": 1.5}, added to every log line
@@ -50,6 +54,7 @@ class Objective:
     unit: str = "tokens"
     count: Callable[[Any], int] = lambda batch: int(batch[0].numel())
     eval_due: Callable[[int], bool] | None = None
+    weight: Callable[[Any], float] | None = None
     progress: Callable[[], dict[str, float]] | None = None
 
     def __post_init__(self) -> None:
