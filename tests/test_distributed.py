@@ -4,6 +4,7 @@ weighted, the one-process path left untouched, and the launcher's command line.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def test_rows_are_split_evenly_and_weighted_by_the_global_target_count():
     (x1, y1), s1 = shard(batch, targets, 1, 2)
     assert torch.equal(torch.cat((x0, x1)), batch[0])
     assert (s0, s1) == (2 * 6 / 9, 2 * 3 / 9)  # 6 of the 9 targets on rank 0, 3 on rank 1
-    _, s = shard(batch, None, 0, 3)  # no weight given: rows (2, 1, 1 of 4)
+    _, s = shard(batch, None, 2, 3)  # no weight given: rows (1, 1, 2 of 4)
     assert s == 3 * 2 / 4
 
 
@@ -91,7 +92,7 @@ def test_the_launcher_removes_its_own_option():
 
 def test_python_m_qkv_is_the_command():
     done = subprocess.run([sys.executable, "-m", "qkv", "train", "--help"], capture_output=True,
-                          text=True, env={"PYTHONPATH": str(SRC), "PATH": ""}, timeout=60)
+                          text=True, env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=60)
     assert done.returncode == 0
     assert "--nproc N" in done.stdout and "--fsdp" in done.stdout
 

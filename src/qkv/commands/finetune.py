@@ -96,10 +96,9 @@ def run_classify(args: argparse.Namespace) -> int:
     if args.nproc > 1 and not distributed.launched():
         return distributed.relaunch(args.nproc, distributed.strip_option(sys.argv[1:],
                                                                          "--nproc"))
-    try:
-        return _run_classify(args)
-    finally:
-        distributed.finish()
+    status = _run_classify(args)
+    distributed.finish()  # (after an error the process ends, and with it the group)
+    return status
 
 
 def _run_classify(args: argparse.Namespace) -> int:

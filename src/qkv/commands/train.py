@@ -120,10 +120,9 @@ def run(args: argparse.Namespace) -> int:
     nproc = getattr(args, "nproc", 1)
     if nproc > 1 and not distributed.launched():
         return distributed.relaunch(nproc, distributed.strip_option(sys.argv[1:], "--nproc"))
-    try:
-        return _run(args)
-    finally:
-        distributed.finish()
+    status = _run(args)
+    distributed.finish()  # (after an error the process ends, and with it the group)
+    return status
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@
     train/lm.py          train(cfg): pre-training a language model (the recipe around fit)
     train/optim.py       AdamW groups, the learning-rate schedules, optimizer state on disk
     train/checkpoint.py  the atomic training/ folder; train/log.py: log.jsonl, progress, signals
+    train/distributed.py several processes under torchrun: sharded batches, DDP or FSDP2
 """
 
 from .config import TrainConfig

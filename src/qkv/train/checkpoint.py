@@ -59,12 +59,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_training_checkpoint(out: Path, weights: dict[str, torch.Tensor],
+def save_training_checkpoint(out: Path, weights: torch.nn.Module | dict[str, torch.Tensor],
                              optimizer_state: tuple[dict[str, torch.Tensor], dict[str, str]],
                              state: dict[str, Any]) -> Path:
-    """Write out/training/ atomically (see the module docstring); returns its path. `weights`
-    is the model's state dict as saved (tied weights once)."""
+    """Write out/training/ atomically (see the module docstring); returns its path. `weights`:
+    the model, or its state dict as saved (tied weights once; gathered from several processes)."""
     out = Path(out)
+    if isinstance(weights, torch.nn.Module):
+        tied = getattr(weights, "tied_weights", dict)()
+        weights = {k: v for k, v in weights.state_dict().items() if k not in tied}
     final, tmp, old = out / TRAINING, out / f"{TRAINING}.tmp", out / f"{TRAINING}.old"
     if tmp.exists():  # left over by a run killed while writing
         shutil.rmtree(tmp)
@@ -139,14 +142,14 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(_unb64(state["torch"]))
+    torch.set_rng_state(unb64(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+        torch.cuda.set_rng_state_all([unb64(s) for s in state["cuda"]])
 
 
 def b64(t: torch.Tensor) -> str:
     return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
 
 
-def _unb64(s: str) -> torch.Tensor:
+def unb64(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)

@@ -1,4 +1,5 @@
-"""TrainConfig: every knob of a training run, with defaults that train the default model well.
+"""TrainConfig: every knob of a training run, with defaults that train the default model well;
+LoopConfig: how the loop (train/loop.py) runs, and FitResult: what it did.
 
 The defaults are the recipe of the "gpt-char-small" preset on the bundled tiny Shakespeare: on a
 2-core laptop CPU with bf16 they reach a validation loss below 1.70 in under five minutes.
@@ -7,13 +8,16 @@ The defaults are the recipe of the "gpt-char-small" preset on the bundled tiny S
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+import torch
 
 from ..errors import ConfigError
 from ..hardware import PRECISIONS, check_device_name
 from ..presets import get as get_preset
 from ..presets import names as preset_names
+from .optim import Schedule
 
 TOKENIZERS = ("char", "bpe", "wordpiece")
 FAMILIES = ("decoder", "encoder")
@@ -193,3 +197,46 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class LoopConfig:
+    """How the loop runs (what it learns is the Objective).
+
+    max_steps=None with a time_limit (seconds) fits the schedule to the time; an evaluation
+    then counts as about `eval_cost` updates. log_every=None writes a log line only at each
+    evaluation. `name` labels the messages ("qkv NAME: ...")."""
+
+    max_steps: int | None
+    schedule: Schedule
+    time_limit: float | None = None
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    eval_every: int | None = None
+    log_every: int | None = None
+    eval_cost: float = 0.0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"
+    compile: bool = False
+    progress: bool = True
+    name: str = "train"
+    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
+
+
+@dataclass
+class FitResult:
+    """What fit did. `stopped_by` is "SIGINT"/"SIGTERM"/"time limit", or None if it ran to
+    max_steps; `metrics` is the last evaluation, `best` the best one (at `best_step`);
+    `best_state` holds the best weights when there was no run directory to save them in."""
+
+    step: int
+    max_steps: int
+    train_loss: float | None
+    metrics: dict[str, float] | None
+    best: dict[str, float] | None
+    best_step: int
+    per_s: float
+    elapsed: float
+    stopped_by: str | None
+    history: list[dict[str, Any]]
+    best_state: dict[str, torch.Tensor] | None = None

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
+from .checkpoint import b64, unb64
 
 SIGNALS = (None, "SIGINT", "SIGTERM")
 
@@ -134,6 +135,34 @@ def strip_option(argv: Sequence[str], option: str) -> list[str]:
     return out
 
 
+def rank_rng_states(device: torch.device) -> list[dict[str, str]]:
+    """Every rank's random states (the CPU's, and its GPU's), in rank order, for a checkpoint;
+    [] with one process."""
+    if not active():
+        return []
+    own = [torch.get_rng_state()]
+    if device.type == "cuda":
+        own.append(torch.cuda.get_rng_state(device))
+    gathered = []
+    for state in own:
+        state = state.to(device)  # NCCL gathers GPU tensors only
+        parts = [torch.empty_like(state) for _ in range(world_size())]
+        dist.all_gather(parts, state)
+        gathered.append([b64(p) for p in parts])
+    return [{"torch": gathered[0][r], **({"cuda_device": gathered[1][r]} if device.type == "cuda"
+                                         else {})} for r in range(world_size())]
+
+
+def set_rank_rng_state(states: list[dict[str, str]], device: torch.device) -> None:
+    """This rank's random states from `rank_rng_states`, if the checkpoint has them (a run on
+    as many processes or more)."""
+    if not active() or rank() >= len(states):
+        return
+    torch.set_rng_state(unb64(states[rank()]["torch"]))
+    if device.type == "cuda" and "cuda_device" in states[rank()]:
+        torch.cuda.set_rng_state(unb64(states[rank()]["cuda_device"]), device)
+
+
 # ---------------------------------------------------------------------- batches and the loss
 
 def shard(batch: Sequence[torch.Tensor], weight: Callable[[Any], float] | None, rank: int,
@@ -190,21 +219,24 @@ def sum_over_ranks(*values: float) -> tuple[float, ...]:
 
 # ---------------------------------------------------------------------- FSDP2
 
-def shard_fully(model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+def shard_fully(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+                ) -> nn.Module:
     """FSDP2: every block of the model's `layers` lists, then the rest, sharded over the ranks;
     the optimizer is pointed at the sharded parameters (and its state, if any, sharded too).
     Returns the root module the loss runs through."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    mesh = init_device_mesh(device.type, (world_size(),))
     before = {id(p): name for name, p in model.named_parameters()}
     for name, module in model.named_modules():
         if name.endswith("layers") and isinstance(module, nn.ModuleList):
             for block in module:
-                fully_shard(block)
+                fully_shard(block, mesh=mesh)
     root = LossModule(model)
-    fully_shard(root)
-    if fsdp_sums_gradients():  # PyTorch issue #162338 (docs/distributed.md)
+    fully_shard(root, mesh=mesh)
+    if fsdp_sums_gradients(device):  # PyTorch issue #162338 (docs/distributed.md)
         for module in root.modules():
             if isinstance(module, FSDPModule):
                 module.set_force_sum_reduction_for_comms(True)
@@ -227,17 +259,21 @@ def shard_fully(model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module
 _FSDP_SUMS: dict[str, bool] = {}
 
 
-def fsdp_sums_gradients() -> bool:
+def fsdp_sums_gradients(device: torch.device | None = None) -> bool:
     """Whether FSDP2 on this backend adds the ranks' gradients instead of averaging them
     (PyTorch issue #162338, seen with gloo). Measured once: every rank's gradient of x.sum()
     is 1, so an average gives 1 and a sum gives the world size."""
     backend = str(dist.get_backend())
     if backend not in _FSDP_SUMS:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        probe = nn.Linear(world_size(), 1, bias=False)
-        fully_shard(probe)
-        probe(torch.ones(1, world_size())).sum().backward()
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
+                else torch.device("cpu")
+        probe = nn.Linear(1, world_size(), bias=False, device=device)  # a weight row per rank
+        fully_shard(probe, mesh=init_device_mesh(device.type, (world_size(),)))
+        probe(torch.ones(1, 1, device=device)).sum().backward()
         grad = probe.weight.grad
         assert grad is not None
         full = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
@@ -263,13 +299,14 @@ class Parallel:
         if fsdp and self.world == 1:
             fsdp = self.fsdp = False  # one process holds everything anyway
         if fsdp:
-            self.wrapper = shard_fully(model, optimizer)
+            self.wrapper = shard_fully(model, optimizer, device)
         elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             self.wrapper = DistributedDataParallel(
                 LossModule(model), device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=True)  # a task may leave a head unused (classification)
+                find_unused_parameters=True,  # a task may leave a head unused (classification)
+                broadcast_buffers=False)  # the model's buffers are constants
 
     def shard(self, batch: Sequence[torch.Tensor], weight: Callable[[Any], float] | None
               ) -> tuple[tuple[torch.Tensor, ...], float]:
@@ -332,17 +369,10 @@ class Parallel:
             return state
         return {k: full_tensor(v).detach().cpu() for k, v in state.items()}
 
-    def optimizer_full(self, optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager:
+    def optimizer_full(self, optimizer: torch.optim.Optimizer
+                       ) -> contextlib.AbstractContextManager[None]:
         """Inside, the optimizer's state tensors are whole (gathered from FSDP's shards)."""
         return _whole_state(optimizer) if self.fsdp else contextlib.nullcontext()
-
-    def rng_states(self, own: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's CPU random state (a uint8 tensor), in rank order."""
-        if self.world == 1:
-            return [own]
-        states = [torch.empty_like(own) for _ in range(self.world)]
-        dist.all_gather(states, own)
-        return states
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -232,7 +232,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool,
         n = model.num_parameters()
         say(f"training a {n / 1e6:.2f}M-parameter {cfg.preset} on {len(train_ids):,} tokens "
             f"({tokenizer.kind} tokenizer, {tokenizer.vocab_size} ids) on {device.type} "
-            f"({precision}, {threads} thread{'s' if threads > 1 else ''}); run dir {out}")
+            f"({precision}, {threads} thread{'s' if threads > 1 else ''}"
+            f"{f' x {distributed.world_size()} processes' if distributed.active() else ''}"
+            f"); run dir {out}")
     extra = {"config": cfg.to_dict(),
              "data": {"corpus_sha256": corpus_hash, "files": [str(f) for f in files],
                       "train_tokens": len(train_ids), "val_tokens": len(val_ids)}}

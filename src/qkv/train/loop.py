@@ -30,7 +30,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,6 @@ from ..errors import CheckpointError
 from ..hardware import autocast, training_attention
 from ..io import atomic_write_safetensors
 from .checkpoint import (
-    b64,
     find_training_checkpoint,
     read_optimizer,
     read_state,
@@ -51,53 +49,18 @@ from .checkpoint import (
     save_training_checkpoint,
     set_rng_state,
 )
-from .distributed import Parallel, is_main, rank, world_size
+from .config import FitResult, LoopConfig
+from .distributed import (
+    Parallel,
+    is_main,
+    rank,
+    rank_rng_states,
+    set_rank_rng_state,
+    world_size,
+)
 from .log import LOG, ProgressBar, StopRequest, append_log, printer, truncate_log
 from .objective import Objective
-from .optim import Schedule, fit_schedule, load_optimizer_tensors, optimizer_tensors, set_lr
-
-
-@dataclass
-class LoopConfig:
-    """How the loop runs (what it learns is the Objective).
-
-    max_steps=None with a time_limit (seconds) fits the schedule to the time; an evaluation
-    then counts as about `eval_cost` updates. log_every=None writes a log line only at each
-    evaluation. `name` labels the messages ("qkv NAME: ...")."""
-
-    max_steps: int | None
-    schedule: Schedule
-    time_limit: float | None = None
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    eval_every: int | None = None
-    log_every: int | None = None
-    eval_cost: float = 0.0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    precision: str = "fp32"
-    compile: bool = False
-    progress: bool = True
-    name: str = "train"
-    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
-
-
-@dataclass
-class FitResult:
-    """What fit did. `stopped_by` is "SIGINT"/"SIGTERM"/"time limit", or None if it ran to
-    max_steps; `metrics` is the last evaluation, `best` the best one (at `best_step`);
-    `best_state` holds the best weights when there was no run directory to save them in."""
-
-    step: int
-    max_steps: int
-    train_loss: float | None
-    metrics: dict[str, float] | None
-    best: dict[str, float] | None
-    best_step: int
-    per_s: float
-    elapsed: float
-    stopped_by: str | None
-    history: list[dict[str, Any]]
-    best_state: dict[str, torch.Tensor] | None = None
+from .optim import fit_schedule, load_optimizer_tensors, optimizer_tensors, set_lr
 
 
 def fit(model: Any, optimizer: torch.optim.Optimizer, objective: Objective, loop: LoopConfig,
@@ -137,8 +100,8 @@ class _Fit:
         load_weights(self.model, folder / WEIGHTS)
         load_optimizer_tensors(self.optimizer, self.names, *read_optimizer(folder))
         self.objective.batches.load_state_dict(state["sampler"])
-        ranks = state.get("rng_ranks", [])  # one state per rank (a run of several processes)
-        set_rng_state(ranks[rank()] if rank() < len(ranks) else state["rng"])
+        set_rng_state(state["rng"])
+        set_rank_rng_state(state.get("rng_ranks", []), self.loop.device)  # several processes
         self.step, self.elapsed, self.seen = state["step"], state["elapsed"], state["seen"]
         self.best, self.best_step = state["best"], state["best_step"]
         if self.max_steps is None and self.loop.time_limit is None:
@@ -163,7 +126,7 @@ class _Fit:
         if self.out is None:
             return
         weights, rng = self.weights(), rng_state(self.loop.device)
-        ranks = self.par.rng_states(torch.get_rng_state())
+        ranks = rank_rng_states(self.loop.device)
         with self.par.optimizer_full(self.optimizer):
             optimizer = optimizer_tensors(self.optimizer, self.names)
         if self.par.main:
@@ -173,7 +136,7 @@ class _Fit:
                 "step": self.step, "max_steps": self.max_steps, "best": self.best,
                 "best_step": self.best_step, "elapsed": self.elapsed, "seen": self.seen,
                 "sampler": self.objective.batches.state_dict(), "rng": rng,
-                **({"rng_ranks": [b64(r) for r in ranks]} if len(ranks) > 1 else {}),
+                **({"rng_ranks": ranks} if ranks else {}),
                 "precision": self.loop.precision, "qkv_version": __version__,
                 **self.extra_state})
         self.par.barrier()
@@ -239,6 +202,8 @@ class _Fit:
                 self.report(train_loss, lr, per_s, last_log_step, evaluated)
                 last_log_time, last_log_step = time.perf_counter(), self.step
                 last_log_seen = self.seen
+                # a Ctrl-C during the report stops the run now (on every rank)
+                signal = self.par.agree(stop.signal, out_of_time, self.max_steps)[0]
                 if signal is not None or out_of_time:
                     stopped_by = signal or "time limit"
                     break
