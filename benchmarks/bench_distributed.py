@@ -110,7 +110,7 @@ def gpu(quick: bool, peak_tflops: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run")
     parser.add_argument("--only", choices=("cpu", "gpu"))
     parser.add_argument("--peak-tflops", type=float, default=989.0)

@@ -58,10 +58,10 @@ def test_the_average_of_weighted_rank_gradients_is_the_one_process_gradient():
         x, y = b
         return F.cross_entropy(model.logits(model.hidden_states(x)).flatten(0, 1), y.flatten())
 
-    def grads(scaled_losses):
+    def grads(scaled_losses: list[torch.Tensor]) -> torch.Tensor:
         model.zero_grad()
-        sum(scaled_losses).backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters()])
+        torch.stack(scaled_losses).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     one = grads([loss(batch)])
     shares = [shard(batch, targets, r, 2) for r in range(2)]

@@ -106,7 +106,9 @@ def test_fsdp2_on_gloo_equals_ddp_and_one_process(runs):
     fsdp = final(runs / "lm-fsdp")
     assert max_diff(fsdp, final(runs / "lm-2")) <= TOL
     assert max_diff(fsdp, final(runs / "lm-1")) <= TOL
-    # whichever way PyTorch reduces on gloo, the probe said so and the fix made it equal
+    # the workaround for PyTorch #162338 (a plain sum, then FSDP divides) also averages: it is
+    # what runs where the probe finds a summing backend
+    assert max_diff(final(runs / "lm-fsdp-sum"), fsdp) <= TOL
     assert isinstance(json.loads((runs / "worker.json").read_text())["fsdp_sums_gradients"],
                       bool)
 
@@ -223,7 +225,7 @@ def test_a_killed_rank_ends_the_run_loudly_and_keeps_the_checkpoint(tmp_path):
     try:
         deadline = time.monotonic() + 150
         while find_training_checkpoint(out) is None:  # training, with a checkpoint written
-            assert run.poll() is None and time.monotonic() < deadline, run.stdout.read()
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0]
             time.sleep(0.2)
         victim = rank_pid(run.pid, 1)
         assert victim is not None

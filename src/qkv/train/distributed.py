@@ -276,7 +276,7 @@ def fsdp_sums_gradients(device: torch.device | None = None) -> bool:
         probe(torch.ones(1, 1, device=device)).sum().backward()
         grad = probe.weight.grad
         assert grad is not None
-        full = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        full = full_tensor(grad)
         _FSDP_SUMS[backend] = bool(full.flatten()[0].item() > 1.5)
     return _FSDP_SUMS[backend]
 
@@ -305,8 +305,7 @@ class Parallel:
 
             self.wrapper = DistributedDataParallel(
                 LossModule(model), device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=True,  # a task may leave a head unused (classification)
-                broadcast_buffers=False)  # the model's buffers are constants
+                find_unused_parameters=True)  # a task may leave a head unused (classification)
 
     def shard(self, batch: Sequence[torch.Tensor], weight: Callable[[Any], float] | None
               ) -> tuple[tuple[torch.Tensor, ...], float]:
