@@ -8,10 +8,12 @@ runs, in ROOT, every scenario the tests then compare with one-process runs (see 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,25 @@ def train_run(cfg: TrainConfig, **options: Any) -> Any:
     return train(cfg, objective=objective, **options)
 
 
+@contextlib.contextmanager
+def recorded_norms() -> Iterator[list[float]]:
+    """The gradient norms the loop's clip measures (before clipping), one per update."""
+    from qkv.train.distributed import full_tensor
+
+    norms: list[float] = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def clip(*args: Any, **kwargs: Any) -> torch.Tensor:
+        norm = original(*args, **kwargs)
+        norms.append(float(full_tensor(norm)))
+        return norm
+    torch.nn.utils.clip_grad_norm_ = clip
+    try:
+        yield norms
+    finally:
+        torch.nn.utils.clip_grad_norm_ = original
+
+
 def interrupt_at(step: int):
     """A log callback (rank 0 only) that presses Ctrl-C after update `step`."""
 
@@ -91,9 +112,11 @@ def main(root: Path) -> None:
     from qkv.train import distributed
 
     torch.set_num_threads(1)
-    train(lm_config(root, "lm-2"))                   # DDP: compared with lm-1 (one process)
-    train_run(mlm_config(root, "mlm-2"))                 # uneven masked-token counts per rank
-    train(lm_config(root, "lm-fsdp", fsdp=True))     # FSDP2 on gloo
+    with recorded_norms() as ddp_norms:
+        train(lm_config(root, "lm-2"))               # DDP: compared with lm-1 (one process)
+    train_run(mlm_config(root, "mlm-2"))             # uneven masked-token counts per rank
+    with recorded_norms() as fsdp_norms:
+        train(lm_config(root, "lm-fsdp", fsdp=True))  # FSDP2 on gloo
     sums = distributed.fsdp_sums_gradients()
     distributed._FSDP_SUMS["gloo"] = True  # as if gloo summed: the workaround must still average
     train(lm_config(root, "lm-fsdp-sum", fsdp=True))
@@ -106,7 +129,8 @@ def main(root: Path) -> None:
     model = classify(root)
     if distributed.is_main():
         save_weights(model, root / "classify-2.safetensors", model.tied_weights())
-        (root / "worker.json").write_text(json.dumps({"fsdp_sums_gradients": sums}))
+        found = {"fsdp_sums_gradients": sums, "norms_ddp": ddp_norms, "norms_fsdp": fsdp_norms}
+        (root / "worker.json").write_text(json.dumps(found))
     distributed.finish()
 
 

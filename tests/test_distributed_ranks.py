@@ -21,7 +21,15 @@ import pytest
 import torch
 
 import qkv
-from dist_worker import TEXT, classify, interrupt_at, lm_config, mlm_config, train_run
+from dist_worker import (
+    TEXT,
+    classify,
+    interrupt_at,
+    lm_config,
+    mlm_config,
+    recorded_norms,
+    train_run,
+)
 from qkv.checkpoint import read_safetensors
 from qkv.train import read_log, train
 from qkv.train.checkpoint import find_training_checkpoint, read_state
@@ -78,7 +86,9 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def runs(tmp_path_factory):
     """The root holding every run: one-process references (here) and two-rank runs (worker)."""
     root = tmp_path_factory.mktemp("dist")
-    train(lm_config(root, "lm-1"))
+    with recorded_norms() as norms:
+        train(lm_config(root, "lm-1"))
+    (root / "norms-1.json").write_text(json.dumps(norms))
     train_run(mlm_config(root, "mlm-1"))
     train(lm_config(root, "w1-full", max_steps=8))
     train(lm_config(root, "w1-cut", max_steps=8), callback=interrupt_at(4))
@@ -96,6 +106,15 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(runs):
         assert a["tokens"] == b["tokens"]  # the global count
     # one evaluation batch: the second rank had none, and the loss is the same
     assert abs(log1[2]["val_loss"] - log2[2]["val_loss"]) <= 1e-5
+
+
+def test_the_gradient_norm_clip_is_the_same_on_one_and_two_ranks(runs):
+    one = json.loads((runs / "norms-1.json").read_text())
+    worker = json.loads((runs / "worker.json").read_text())
+    assert len(one) == 5 and min(one) > 0.05  # the clip (0.05) acted on every update
+    for two in (worker["norms_ddp"], worker["norms_fsdp"]):
+        assert len(two) == 5
+        assert all(abs(a - b) <= 1e-5 * a for a, b in zip(one, two, strict=True))
 
 
 def test_masked_lm_losses_are_weighted_by_the_global_target_count(runs):
