@@ -74,6 +74,10 @@ def fbgemm_available() -> bool:
 class Int8Linear(nn.Module):
     """A linear layer whose weight is stored as int8 with one fp32 scale per output row."""
 
+    qweight: torch.Tensor  # (out, in) int8, a buffer
+    scale: torch.Tensor  # (out,) fp32, a buffer
+    bias: torch.Tensor | None  # (out,) fp32, a buffer
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  activations: str = "int8"):
         super().__init__()

@@ -185,26 +185,7 @@ def create_app(source: Served | Callable[[], Served], *, api_key: str | None = N
                   lifespan=lifespan)
     app.state.qkv = state
     app.state.max_tokens = max_tokens
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        return _error_response(e)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        return _error_response(_validation_api_error(e))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        message = (f"no route {request.method} {request.url.path}" if e.status_code in (404, 405)
-                   else str(e.detail))
-        return JSONResponse(error_body(message, kind, None, None), status_code=e.status_code)
-
-    @app.exception_handler(Exception)
-    async def _server_error(request: Request, e: Exception) -> JSONResponse:
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}",
-                                       "server_error"), status_code=500)
+    _add_error_handlers(app)
 
     # ------------------------------------------------------------------ routes
 
@@ -232,14 +213,7 @@ def create_app(source: Served | Callable[[], Served], *, api_key: str | None = N
     async def completions(body: CompletionRequest, request: Request):
         served = _ready(state)
         _check_model(served, body.model)
-        _check_unsupported(body)
-        if body.echo:
-            raise ApiError(400, "echo=true is not supported", param="echo")
-        if body.suffix is not None:
-            raise ApiError(400, "suffix is not supported", param="suffix")
-        if body.best_of is not None and body.best_of != body.n:
-            raise ApiError(400, "best_of must equal n (qkv returns every choice it makes)",
-                           param="best_of")
+        _check_completion(body)
         if served.family == "encoder-decoder":
             return await _translate(state, served, body, request, max_tokens)
         _need_decoder(served, "completions")
@@ -251,20 +225,7 @@ def create_app(source: Served | Callable[[], Served], *, api_key: str | None = N
     async def chat_completions(body: ChatRequest, request: Request):
         served = _ready(state)
         _check_model(served, body.model)
-        _check_unsupported(body)
-        for name in ("tools", "tool_choice"):
-            if getattr(body, name) is not None:
-                raise ApiError(400, f"{name} is not supported (no tool calling)", param=name)
-        if body.response_format is not None and body.response_format != {"type": "text"}:
-            raise ApiError(400, "only response_format {\"type\": \"text\"} is supported",
-                           param="response_format")
-        if body.top_logprobs is not None and not body.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        if body.max_completion_tokens is not None:
-            if body.max_tokens is not None and body.max_tokens != body.max_completion_tokens:
-                raise ApiError(400, "max_tokens and max_completion_tokens disagree; send one",
-                               param="max_completion_tokens")
-            body.max_tokens = body.max_completion_tokens
+        _check_chat(body)
         _need_decoder(served, "chat completions")
         ids = _chat_ids(served, body.messages)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -280,14 +241,7 @@ def create_app(source: Served | Callable[[], Served], *, api_key: str | None = N
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
         served = _ready(state)
-        if body.model is not None:
-            _check_model(served, body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise ApiError(400, "send exactly one of prompt and messages", param="prompt")
-        if body.messages is not None:
-            ids = _chat_ids(served, body.messages, body.add_generation_prompt)
-        else:
-            ids = served.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        ids = _tokenize(served, body)
         return {"tokens": ids, "count": len(ids), "max_model_len": served.context}
 
     # Pure ASGI middleware, outermost last: the key is checked first, then the body size.
@@ -297,7 +251,70 @@ def create_app(source: Served | Callable[[], Served], *, api_key: str | None = N
     return app
 
 
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answers with OpenAI's error body."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return _error_response(_validation_api_error(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        message = (f"no route {request.method} {request.url.path}" if e.status_code in (404, 405)
+                   else str(e.detail))
+        return JSONResponse(error_body(message, kind, None, None), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, e: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}",
+                                       "server_error"), status_code=500)
+
+
 # ---------------------------------------------------------------------- checks
+
+def _check_completion(body: CompletionRequest) -> None:
+    _check_unsupported(body)
+    if body.echo:
+        raise ApiError(400, "echo=true is not supported", param="echo")
+    if body.suffix is not None:
+        raise ApiError(400, "suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise ApiError(400, "best_of must equal n (qkv returns every choice it makes)",
+                       param="best_of")
+
+
+def _check_chat(body: ChatRequest) -> None:
+    """Refuse what qkv does not do; max_completion_tokens becomes max_tokens."""
+    _check_unsupported(body)
+    for name in ("tools", "tool_choice"):
+        if getattr(body, name) is not None:
+            raise ApiError(400, f"{name} is not supported (no tool calling)", param=name)
+    if body.response_format is not None and body.response_format != {"type": "text"}:
+        raise ApiError(400, "only response_format {\"type\": \"text\"} is supported",
+                       param="response_format")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    if body.max_completion_tokens is not None:
+        if body.max_tokens is not None and body.max_tokens != body.max_completion_tokens:
+            raise ApiError(400, "max_tokens and max_completion_tokens disagree; send one",
+                           param="max_completion_tokens")
+        body.max_tokens = body.max_completion_tokens
+
+
+def _tokenize(served: Served, body: TokenizeRequest) -> list[int]:
+    if body.model is not None:
+        _check_model(served, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise ApiError(400, "send exactly one of prompt and messages", param="prompt")
+    if body.messages is not None:
+        return _chat_ids(served, body.messages, body.add_generation_prompt)
+    return served.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+
 
 def _loading(state: ServerState):
     if state.load_error is not None:
