@@ -143,9 +143,10 @@ class Decoder(_Stack):
         T = x.shape[1]
         caches: Iterable
         if isinstance(cache, list):
-            if padding_mask is not None or memory is not None:
-                raise InputError("a cache per row takes no padding mask and no memory: each "
-                                 "row continues its own decoder-only sequence")
+            if padding_mask is not None or memory is not None or len(cache) > x.shape[0]:
+                raise InputError("a cache per row takes no padding mask and no memory, and at "
+                                 "most one cache per row: each row continues its own "
+                                 "decoder-only sequence")
             if positions is None:
                 positions = _row_positions(cache, x.shape[0], T, x.device)  # (B, T)
             mask, caches = None, DecoderCache.per_row(cache, len(self.layers))

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -193,10 +193,11 @@ def create_app(source: Served | Callable[[], Served], *, api_key: str | None = N
     async def health() -> JSONResponse:
         if state.served is None:
             _loading(state)
-        if not state.engine.thread.is_alive():
+        engine = _engine(state)
+        if not engine.thread.is_alive():
             raise ApiError(503, "the generation engine has stopped", "service_unavailable",
                            code="engine_stopped")
-        return JSONResponse({"status": "ok", **state.engine.stats()})
+        return JSONResponse({"status": "ok", **engine.stats()})
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -316,7 +317,7 @@ def _tokenize(served: Served, body: TokenizeRequest) -> list[int]:
     return served.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
 
 
-def _loading(state: ServerState):
+def _loading(state: ServerState) -> NoReturn:
     if state.load_error is not None:
         raise ApiError(503, f"the model failed to load: {state.load_error}",
                        "service_unavailable", code="model_load_failed")
@@ -325,9 +326,17 @@ def _loading(state: ServerState):
 
 
 def _ready(state: ServerState) -> Served:
-    if state.served is None:
+    served = state.served
+    if served is None:
         _loading(state)
-    return state.served
+    return served
+
+
+def _engine(state: ServerState) -> Engine:
+    engine = state.engine
+    if engine is None:
+        _loading(state)
+    return engine
 
 
 def _model_card(served: Served) -> dict:
@@ -513,13 +522,14 @@ async def _generate(state: ServerState, served: Served, body, request: Request,
     if len(prompts) * n > state.max_queue:
         raise ApiError(400, f"{len(prompts)} prompts x n={n} choices is more than the queue "
                        f"holds ({state.max_queue})", param="n")
+    engine = _engine(state)
     req = _Request()
     for p, ids in enumerate(prompts):
         for j in range(n):
             sampling = _sampling(served, body, len(ids), max_tokens, logprobs, j)
             req.seqs.append(Sequence(ids, sampling, req.emitter(p * n + j)))
     try:
-        state.engine.submit(req.seqs)
+        engine.submit(req.seqs)
     except QueueFull:
         raise _queue_full() from None
     prompt_tokens = sum(len(ids) for ids in prompts)
@@ -527,7 +537,7 @@ async def _generate(state: ServerState, served: Served, body, request: Request,
     meta = {"id": rid, "created": int(time.time()), "model": served.name}
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        frames = _stream_frames(req, state.engine, meta, chat, len(req.seqs), prompt_tokens,
+        frames = _stream_frames(req, engine, meta, chat, len(req.seqs), prompt_tokens,
                                 usage)
         return StreamingResponse(frames, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -545,7 +555,7 @@ async def _generate(state: ServerState, served: Served, body, request: Request,
                 reasons[i] = ev["finish_reason"]
                 completion_tokens += ev["completion_tokens"]
     finally:
-        req.cancel(state.engine)  # a no-op for finished sequences
+        req.cancel(engine)  # a no-op for finished sequences
     if any(r is None for r in reasons):  # the client went away: nobody reads this
         return JSONResponse(error_body("client disconnected", "invalid_request_error"), 499)
     choices = []
@@ -650,7 +660,7 @@ async def _run_job(state: ServerState, request: Request, fn: Callable[[], Any]) 
             pass
 
     try:
-        state.engine.run_job(fn, done)
+        _engine(state).run_job(fn, done)
     except QueueFull:
         raise _queue_full() from None
     try:
