@@ -250,7 +250,7 @@ def test_a_cache_per_row_continues_rows_of_different_lengths_without_padding(pos
     assert [len(c) for c in caches] == [4, 8]
     torch.testing.assert_close(rows[:2], torch.cat(alone), atol=1e-5, rtol=0)
     with pytest.raises(InputError, match="cache per row"):
-        model.next_token_logits(filler, caches, padding_mask=torch.ones(4, 9))
+        model.next_token_logits(filler, caches, padding_mask=torch.ones(4, 1))
 
 
 def test_checkpoints_with_earlier_parameter_names_still_load(tmp_path):

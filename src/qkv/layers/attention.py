@@ -69,8 +69,8 @@ def attention(
         )
         return out, None
 
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, Tq, Tk)
+    factor = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)).float() * factor  # (B, H, Tq, Tk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1).to(q.dtype)  # each row sums to 1

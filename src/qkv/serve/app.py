@@ -736,10 +736,11 @@ async def _embed(state: ServerState, served: Served, body: EmbeddingRequest, req
     if served.family != "encoder":
         raise ApiError(400, f"embeddings need an encoder model; {served.name!r} is a "
                        f"{served.family}", param="model", code="wrong_model_family")
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    if not texts:
+    given = [body.input] if isinstance(body.input, str) else body.input
+    if not given:
         raise ApiError(400, "input is an empty list", param="input")
-    if not all(isinstance(t, str) for t in texts):
+    texts = [t for t in given if isinstance(t, str)]
+    if len(texts) != len(given):
         raise ApiError(400, "input must be text (a string or a list of strings); token ids "
                        "are not supported", param="input")
     if len(texts) > 2048:

@@ -284,8 +284,10 @@ class _PackedLinears:
         if model is None or not _mkl_packing():
             return
         for m in model.modules():
-            w = m.weight if type(m) is nn.Linear else None
-            if w is not None and w.dtype == torch.float32 and w.device.type == "cpu":
+            if type(m) is not nn.Linear:  # not a subclass: those have their own forward
+                continue
+            w = m.weight
+            if w.dtype == torch.float32 and w.device.type == "cpu":
                 packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), width)
                 self.layers.append((m, functools.partial(_packed_linear, m, packed, width)))
 
