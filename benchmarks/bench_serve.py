@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import httpx  # noqa: E402
 
 import qkv  # noqa: E402
-from qkv.train.hardware import set_threads  # noqa: E402
+from qkv.hardware import set_threads  # noqa: E402
 
 TEXT = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'\n0123456789"
 
@@ -162,7 +162,6 @@ def step_costs(model, tok, max_seqs: int = 8, repeats: int = 6) -> dict[str, flo
     """Seconds per decoding step, best of `repeats` x 2, without HTTP: the engine's step for one
     and for `max_seqs` sequences (exact batching: always `max_seqs` rows), and the one-row step
     of `qkv.generate`. They interleave, so a busy machine slows them alike."""
-    from qkv.generate import _last_logits
     from qkv.serve import Engine, Sampling, Sequence
 
     engine = Engine(model, tok, max_seqs=max_seqs)
@@ -180,12 +179,12 @@ def step_costs(model, tok, max_seqs: int = 8, repeats: int = 6) -> dict[str, flo
     one, full = sequences(1), sequences(max_seqs)
     cache = model.new_cache()
     with torch.inference_mode():
-        _last_logits(model, torch.tensor([tok.encode(TEXT[:32], add_special_tokens=False)]),
-                     None, None, cache)
+        model.next_token_logits(torch.tensor([tok.encode(TEXT[:32], add_special_tokens=False)]),
+                                cache)
 
     def generate_step() -> None:
         with torch.inference_mode():
-            _last_logits(model, torch.tensor([[5]]), None, None, cache)
+            model.next_token_logits(torch.tensor([[5]]), cache)
 
     cases = {"engine, 1 sequence": lambda: engine._step(one),
              f"engine, {max_seqs} sequences": lambda: engine._step(full),

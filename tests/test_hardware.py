@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qkv.hardware as hw
-from qkv.batching import evaluating, model_device, pad_id, pad_rows
+from qkv.batching import eval_mode, evaluating, model_device, pad_id, pad_rows
 from qkv.errors import ConfigError, PrecisionError
 
 
@@ -83,6 +83,12 @@ def test_pad_rows_on_either_side(side, ids, mask):
     assert got_ids.dtype == got_mask.dtype == torch.long
 
 
+def test_pad_rows_to_a_given_length():
+    ids, mask = pad_rows([[5, 6], [7]], 9, side="left", length=4)
+    assert ids.tolist() == [[9, 9, 5, 6], [9, 9, 9, 7]]
+    assert mask.tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
+
+
 def test_pad_rows_rejects_a_side_that_does_not_exist():
     with pytest.raises(ValueError, match="side='top'"):
         pad_rows([[1]], 0, side="top")
@@ -102,3 +108,18 @@ def test_evaluating_switches_dropout_and_autograd_off_then_restores(was_training
         assert not model(torch.ones(1, 2)).requires_grad
     assert model.training == was_training and torch.is_grad_enabled()
     assert model_device(model) == torch.device("cpu")
+
+
+def test_a_generator_in_eval_mode_leaves_autograd_alone_between_its_yields():
+    model = torch.nn.Dropout(0.5).train()
+
+    def tokens():
+        with eval_mode(model):
+            yield model.training
+            yield model.training
+
+    stream = tokens()
+    assert next(stream) is False and torch.is_grad_enabled()
+    assert next(stream) is False
+    stream.close()
+    assert model.training

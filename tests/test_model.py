@@ -231,6 +231,28 @@ def test_next_token_logits_continue_a_cache_like_the_full_forward(family):
     torch.testing.assert_close(torch.stack([first, *rest], 1), full[:, 4:], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_a_cache_per_row_continues_rows_of_different_lengths_without_padding(position):
+    """Rows that continue sequences of different lengths, each from its own cache, get the
+    logits each would get alone; the filler rows after the live ones do not disturb them."""
+    model = Transformer(tiny_config("decoder", position=position, n_kv_heads=2)).eval()
+    prompts = [torch.randint(0, 50, (1, n)) for n in (3, 7)]
+    alone, caches = [], []
+    with torch.no_grad():
+        for p in prompts:
+            own = model.new_cache()
+            model.next_token_logits(p, own)
+            alone.append(model.next_token_logits(torch.tensor([[9]]), own))  # (1, V)
+            caches.append(model.new_cache())
+            model.next_token_logits(p, caches[-1])
+        filler = torch.tensor([[9], [9], [0], [0]])  # two live rows, two filler rows
+        rows = model.next_token_logits(filler, caches)  # (4, V)
+    assert [len(c) for c in caches] == [4, 8]
+    torch.testing.assert_close(rows[:2], torch.cat(alone), atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="cache per row"):
+        model.next_token_logits(filler, caches, padding_mask=torch.ones(4, 1))
+
+
 def test_checkpoints_with_earlier_parameter_names_still_load(tmp_path):
     from safetensors.torch import save_file
 

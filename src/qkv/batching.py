@@ -3,6 +3,7 @@
     pad_id(tokenizer)                  the id that fills padding: pad, else eos, else 0
     pad_rows(rows, pad_id, side)       ids (B, T) and mask (B, T), 1 for a real token
     evaluating(model)                  eval mode and no autograd, then the previous mode back
+    eval_mode(model)                   eval mode only (for generators: see its docstring)
     model_device(model)                where the model's weights are
     sorted_batches(lengths, size)      index batches, longest first (inference)
     bucketed_batches(lengths, size)    shuffled index batches of similar lengths (training)
@@ -32,13 +33,15 @@ def pad_id(tokenizer: Any) -> int:
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right",
-             device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             device: str | torch.device | None = None,
+             length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad lists of ids to the longest: (ids LongTensor (B, T), mask LongTensor (B, T)).
 
-    mask is 1 at a real token and 0 at padding; side="left" puts the padding first."""
+    mask is 1 at a real token and 0 at padding; side="left" puts the padding first. length:
+    pad to this many positions instead (at least the longest row)."""
     if side not in ("right", "left"):
         raise ValueError(f"side={side!r} is not 'right' or 'left'")
-    longest = max((len(r) for r in rows), default=0)
+    longest = max([len(r) for r in rows] + [length or 0])
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(rows), longest), dtype=torch.long)  # (B, T)
     for i, row in enumerate(rows):
@@ -54,15 +57,26 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right",
 
 
 @contextlib.contextmanager
-def evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off (model.eval()) and autograd off (inference mode); the mode is restored."""
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off (model.eval()); the previous mode is restored afterwards.
+
+    A generator that yields inside this block keeps only the model's mode while it is paused;
+    `evaluating` would also leave inference mode on in the caller's code between two yields
+    (a thread-wide switch), so a generator decorates its model calls with
+    `torch.inference_mode()` instead, which torch switches off at each yield."""
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            yield
+        yield
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off (model.eval()) and autograd off (inference mode); the mode is restored."""
+    with eval_mode(model), torch.inference_mode():
+        yield
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

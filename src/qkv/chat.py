@@ -64,7 +64,7 @@ class ChatTemplate:
         """The conversation as one text. Raises InputError for malformed messages or when the
         template itself refuses them (its `raise_exception(...)`)."""
         import jinja2
-        from jinja2.sandbox import SecurityError
+        from jinja2.exceptions import SecurityError
 
         plain = check_messages(messages)
         try:
@@ -168,7 +168,8 @@ class _TemplateRefusal(Exception):
 def _sandbox() -> type:
     """Jinja's immutable sandbox, made strict about unsafe attributes: where Jinja would give
     an empty value for `x.__class__` (and fail only when it is used), this raises at once."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class Sandbox(ImmutableSandboxedEnvironment):
         def unsafe_undefined(self, obj: Any, attribute: str) -> Any:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .batching import evaluating, model_device, pad_id, pad_rows
 from .errors import InputError
 from .hardware import autocast, resolve_precision
-from .model import Transformer, pool
+from .model import Transformer
 from .tokenizer import Tokenizer
 
 
@@ -62,7 +62,6 @@ def encode_sentences(
     ids = tokenizer.encode_batch(texts, truncation=True, max_length=max_length)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)  # longest first
     pad = pad_id(tokenizer)
-    normalize = cfg.normalize_embeddings if normalize is None else normalize
 
     starts = range(0, len(order), batch_size)
     if progress:
@@ -72,9 +71,5 @@ def encode_sentences(
         for start in starts:
             rows = order[start:start + batch_size]
             batch, mask = pad_rows([ids[i] for i in rows], pad, device=device)  # (B, T) each
-            h = model.hidden_states(batch, mask.bool()).float()  # (B, T, d)
-            v = pool(h, mask.bool(), cfg.pooling)  # (B, d)
-            if normalize:
-                v = torch.nn.functional.normalize(v, dim=-1)
-            out[rows] = v.cpu()
+            out[rows] = model.sentence_embedding(batch, mask, normalize).cpu()  # (B, d_model)
     return out

@@ -34,13 +34,14 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from .batching import eval_mode, model_device, pad_id, pad_rows
 from .errors import InputError
 from .model import Transformer
 from .seq2seq import generate_seq2seq
 from .tokenizer import Tokenizer
 
-__all__ = ["decode_tokens", "filter_logits", "generate", "generate_seq2seq", "sample_next",
-           "stream_generate"]
+__all__ = ["TextRow", "decode_tokens", "filter_logits", "generate", "generate_seq2seq",
+           "sample_next", "stream_generate"]
 
 Stream = Callable[..., None]
 
@@ -76,36 +77,35 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 # ---------------------------------------------------------------------- token-level decoding
 
-def _pad_left(rows: list[list[int]], device: torch.device):
+def _left_padded(rows: list[list[int]], pad: int, device: torch.device):
     """A left-padded batch: ids (B, T), padding mask (B, T) or None, positions (B, T) or None."""
-    T = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows], dtype=torch.long, device=device)
-    if all(len(r) == T for r in rows):
+    ids, real = pad_rows(rows, pad, side="left", device=device)  # (B, T) each
+    if bool(real.all()):
         return ids, None, None  # no padding: the fast path, default positions
-    mask = torch.tensor([[False] * (T - len(r)) + [True] * len(r) for r in rows], device=device)
-    positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # each row counts from 0
-    return ids, mask, positions
+    positions = (real.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): each row counts from 0
+    return ids, real.bool(), positions
 
 
 @torch.inference_mode()
 def decode_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                   temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, generator: torch.Generator | None = None,
-                  on_full: str = "slide") -> Iterator[torch.Tensor]:
+                  on_full: str = "slide", pad: int = 0) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, (B,), step after step, with a KV cache.
 
     Each prompt must fit the context (see `generate` for truncation). The caller may stop early
-    (stop strings, end-of-text) simply by not asking for more. (For bf16 weights on a CPU,
-    `qkv.quantize.use_matrix_vector(model)` first makes each step faster.)
+    (stop strings, end-of-text) simply by not asking for more. Prompts of different lengths are
+    padded on the left with `pad` (`qkv.batching.pad_id(tokenizer)`; hidden by the mask). (For
+    bf16 weights on a CPU, `qkv.quantize.use_matrix_vector(model)` first makes each step faster.)
     """
     rows = [list(p) for p in prompts]
     context = model.config.max_seq_len
-    device = next(model.parameters()).device
+    device = model_device(model)
     produced, keep = 0, context
     while produced < max_new_tokens:
         # (Re)fill the cache with the last `keep` tokens of every row.
         cache = model.new_cache()
-        ids, mask, positions = _pad_left([r[-keep:] for r in rows], device)
+        ids, mask, positions = _left_padded([r[-keep:] for r in rows], pad, device)
         logits = model.next_token_logits(ids, cache, mask, positions)  # (B, V)
         length = ids.shape[1]  # positions held in the cache
         while True:
@@ -130,7 +130,7 @@ def decode_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
 
 # ---------------------------------------------------------------------- text in, text out
 
-class _TextRow:
+class TextRow:
     """The text of one generated row, released piece by piece.
 
     Text that could be the start of a stop string (or half of a multi-byte character) is held
@@ -223,16 +223,13 @@ def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequ
     context = model.config.max_seq_len
     ids = [_prompt_ids(tokenizer, p, context, truncate_left) for p in prompts]
     stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-    rows = [_TextRow(tokenizer, stops, tokenizer.eos_id) for _ in prompts]
-    device = next(model.parameters()).device
+    rows = [TextRow(tokenizer, stops, tokenizer.eos_id) for _ in prompts]
     generator = None
     if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
+        generator = torch.Generator(device=model_device(model)).manual_seed(seed)
+    with eval_mode(model):  # decode_tokens runs the model in inference mode
         for token in decode_tokens(model, ids, max_new_tokens, temperature, top_k, top_p,
-                                   generator, on_full):
+                                   generator, on_full, pad_id(tokenizer)):
             for i, (row, t) in enumerate(zip(rows, token.tolist(), strict=True)):
                 piece = row.push(t)
                 if piece:
@@ -242,8 +239,6 @@ def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequ
         for i, row in enumerate(rows):
             if not row.done and (piece := row.flush()):
                 yield i, piece
-    finally:
-        model.train(was_training)
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[str],

@@ -133,23 +133,44 @@ class Decoder(_Stack):
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, memory: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None,
-                cache: DecoderCache | None = None) -> torch.Tensor:
+                cache: DecoderCache | list[DecoderCache] | None = None) -> torch.Tensor:
         """Token vectors (B, T, d_model) -> contextual vectors (B, T, d_model), causally.
 
         With a cache, x holds only the new positions and padding_mask covers past + new.
+        With a list of caches, one per row, each row continues its own sequence (see
+        `Transformer.next_token_logits`).
         """
         T = x.shape[1]
-        past = len(cache) if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(past, past + T, device=x.device)[None]  # (1, T)
+        caches: Iterable
+        if isinstance(cache, list):
+            if padding_mask is not None or memory is not None or len(cache) > x.shape[0]:
+                raise InputError("a cache per row takes no padding mask and no memory, and at "
+                                 "most one cache per row: each row continues its own "
+                                 "decoder-only sequence")
+            if positions is None:
+                positions = _row_positions(cache, x.shape[0], T, x.device)  # (B, T)
+            mask, caches = None, DecoderCache.per_row(cache, len(self.layers))
+        else:
+            past = len(cache) if cache is not None else 0
+            if positions is None:
+                positions = torch.arange(past, past + T, device=x.device)[None]  # (1, T)
+            mask = _causal_padding_mask(padding_mask, T, past)  # (B, 1, T, past + T) or None
+            caches = cache.layers if cache is not None else [None] * len(self.layers)
         x, rope = self.add_positions(x, positions)  # (B, T, d_model)
-        mask = _causal_padding_mask(padding_mask, T, past)  # (B, 1, T, past + T) or None
         if memory_mask is not None:
             memory_mask = memory_mask[:, None, None, :]  # (B, 1, 1, S)
-        caches: Iterable = cache.layers if cache is not None else [None] * len(self.layers)
         for block, layer_cache in zip(self.layers, caches, strict=True):
             x = block(x, mask, rope, memory, memory_mask, layer_cache)  # (B, T, d_model)
         return self.norm(x)  # (B, T, d_model)
+
+
+def _row_positions(caches: list[DecoderCache], B: int, T: int,
+                   device: torch.device) -> torch.Tensor:
+    """Positions (B, T) of T new tokens per row: row r < len(caches) goes on from its cache's
+    length; the filler rows after them count from 0."""
+    past = torch.zeros(B, 1, dtype=torch.long)
+    past[:len(caches), 0] = torch.tensor([len(c) for c in caches], dtype=torch.long)
+    return (past + torch.arange(T)).to(device)  # (B, T)
 
 
 def _causal_padding_mask(padding_mask: torch.Tensor | None, T: int,
@@ -248,7 +269,7 @@ class Transformer(nn.Module):
         h = self._decoder_states(tokens, memory, src_mask, tgt_mask, cache, positions)
         return self.logits(h)  # (B, T, vocab_size)
 
-    def next_token_logits(self, tokens: torch.Tensor, cache: DecoderCache,
+    def next_token_logits(self, tokens: torch.Tensor, cache: DecoderCache | list[DecoderCache],
                           padding_mask: torch.Tensor | None = None,
                           positions: torch.Tensor | None = None,
                           memory: torch.Tensor | None = None,
@@ -258,6 +279,12 @@ class Transformer(nn.Module):
 
         padding_mask (B, past + T) covers the cached positions too. An encoder-decoder passes
         the encoder's memory and src_mask. Only the last position goes through the output layer.
+
+        cache may instead be a list of caches, one per row of a decoder-only batch: row r < len
+        continues its own sequence (lengths may differ: no padding, no mask), attention runs row
+        by row and every other layer on all B rows together; rows past the list are filler
+        (logits without meaning). A server keeps B fixed, so that a row's numbers do not depend
+        on how many other rows are live (qkv.serve).
         """
         h = self._decoder_states(tokens, memory, src_mask, padding_mask, cache, positions)
         return self.logits(h[:, -1]).float()  # (B, vocab_size)
@@ -287,12 +314,14 @@ class Transformer(nn.Module):
             return self.encode(tokens, padding_mask)
         return self._decoder_states(tokens, None, None, padding_mask, None, None)
 
-    def sentence_embedding(self, tokens: torch.Tensor,
-                           padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """One vector per sequence (B, d_model), pooled as config.pooling says."""
+    def sentence_embedding(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                           normalize: bool | None = None) -> torch.Tensor:
+        """One fp32 vector per sequence (B, d_model), pooled as config.pooling says (in fp32),
+        scaled to length 1 if `normalize` says so (None: config.normalize_embeddings)."""
         padding_mask = _mask(padding_mask, tokens)
-        v = pool(self.hidden_states(tokens, padding_mask), padding_mask, self.config.pooling)
-        if self.config.normalize_embeddings:
+        h = self.hidden_states(tokens, padding_mask).float()  # (B, T, d_model)
+        v = pool(h, padding_mask, self.config.pooling)  # (B, d_model)
+        if self.config.normalize_embeddings if normalize is None else normalize:
             v = torch.nn.functional.normalize(v, dim=-1)
         return v
 
@@ -338,11 +367,11 @@ def _ids(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _mask(padding_mask: torch.Tensor | None, tokens: torch.Tensor,
-          cache: DecoderCache | None = None) -> torch.Tensor | None:
+          cache: DecoderCache | list[DecoderCache] | None = None) -> torch.Tensor | None:
     """Check a (B, T) padding mask and make it bool; with a cache it also covers the past."""
     if padding_mask is None:
         return None
-    past = len(cache) if cache is not None else 0
+    past = len(cache) if isinstance(cache, DecoderCache) else 0
     expected = (tokens.shape[0], past + tokens.shape[1])
     if tuple(padding_mask.shape) != expected:
         raise InputError(f"padding mask has shape {tuple(padding_mask.shape)}, expected "

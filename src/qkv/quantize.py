@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -48,6 +49,10 @@ from torch.nn import functional as F
 from .errors import InputError
 
 ACTIVATIONS = ("int8", "float")
+# Two private torch functions, used on purpose (no public equivalent): the per-channel quantized
+# tensor that FBGEMM's prepack takes, and the weight-only int8 kernel. torch's stubs do not
+# export them, hence the cast.
+_torch_private: Any = cast(Any, torch)
 _HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
 
 
@@ -74,6 +79,10 @@ def fbgemm_available() -> bool:
 class Int8Linear(nn.Module):
     """A linear layer whose weight is stored as int8 with one fp32 scale per output row."""
 
+    qweight: torch.Tensor  # (out, in) int8, a buffer
+    scale: torch.Tensor  # (out,) fp32, a buffer
+    bias: torch.Tensor | None  # (out,) fp32, a buffer
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  activations: str = "int8"):
         super().__init__()
@@ -99,7 +108,7 @@ class Int8Linear(nn.Module):
         if self._packed is None:
             with warnings.catch_warnings():  # quantized-tensor constructors warn of their future
                 warnings.simplefilter("ignore")
-                qw = torch._make_per_channel_quantized_tensor(
+                qw = _torch_private._make_per_channel_quantized_tensor(
                     self.qweight, self.scale.double(),
                     torch.zeros(self.out_features, dtype=torch.long), 0)
                 self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
@@ -117,8 +126,8 @@ class Int8Linear(nn.Module):
             # PyTorch's weight-only kernel: int8 rows scaled on the fly, bf16 in and out.
             if self._scale_bf16 is None:
                 self._scale_bf16 = self.scale.to(torch.bfloat16)
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight,
-                                          self._scale_bf16)
+            y = _torch_private._weight_int8pack_mm(x.reshape(-1, self.in_features),
+                                                   self.qweight, self._scale_bf16)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if bias is None else y + bias
         return F.linear(x, self.dequantized(x.dtype), bias)

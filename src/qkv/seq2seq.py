@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .batching import evaluating
 from .errors import InputError
 from .model import Transformer
 
@@ -41,16 +42,12 @@ def generate_seq2seq(model: Transformer, src_ids: torch.Tensor,
                          "pass start_id")
     if beam_size < 1:
         raise InputError(f"beam_size={beam_size} must be at least 1")
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         memory = model.encode(src_ids, src_mask)  # (B, S, d_model)
         if beam_size == 1:
             return _greedy(model, memory, src_mask, max_new_tokens, start_id, eos_id)
         return _beam_search(model, memory, src_mask, max_new_tokens, beam_size, length_penalty,
                             start_id, eos_id)
-    finally:
-        model.train(was_training)
 
 
 def _greedy(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor | None,

@@ -52,6 +52,7 @@ from tokenizers import (
 )
 from tokenizers import Tokenizer as BackendTokenizer
 
+from qkv.batching import pad_id, pad_rows
 from qkv.errors import InputError, QkvError, TokenizerError
 from qkv.io import atomic_write_text
 from qkv.vocabulary import (
@@ -323,10 +324,9 @@ class Tokenizer:
                     f"a sequence of {longest} tokens is longer than max_length {target}; "
                     "pass truncation=True"
                 )
-            pad_id = self._padding_id()
-            rows = [_pad(row, target, pad_id, padding_side) for row in rows]
-            masks = [_pad(mask, target, 0, padding_side) for mask in masks]
-            type_rows = [_pad(types, target, 0, padding_side) for types in type_rows]
+            ids, mask = pad_rows(rows, pad_id(self), padding_side, length=target)  # (B, T)
+            types, _ = pad_rows(type_rows, 0, padding_side, length=target)  # (B, T)
+            rows, masks, type_rows = ids.tolist(), mask.tolist(), types.tolist()
 
         batch: dict[str, Any] = {"input_ids": rows, "attention_mask": masks}
         if text_pairs is not None:
@@ -372,13 +372,6 @@ class Tokenizer:
                     "which has no <unk> token"
                 )
         return TokenizerError(f"the tokenizer could not encode {text[:40]!r} ({error})")
-
-    def _padding_id(self) -> int:
-        """The id used to fill padding positions: pad, or else eos (GPT-2 style)."""
-        for token_id in (self.pad_id, self.eos_id):
-            if token_id is not None:
-                return token_id
-        raise TokenizerError("this tokenizer has no padding token (no pad or eos special token)")
 
     def _check_ids(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
         ids = _to_list(ids)
@@ -500,11 +493,6 @@ def _truncate_longest_first(first: Encoding, second: Encoding | None, room: int)
     first.truncate(length_a)
     if second is not None:
         second.truncate(length_b)
-
-
-def _pad(row: list[int], length: int, value: int, side: str) -> list[int]:
-    filler = [value] * (length - len(row))
-    return row + filler if side == "right" else filler + row
 
 
 def _to_tensor(rows: list[list[int]], name: str) -> torch.Tensor:

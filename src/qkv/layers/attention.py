@@ -69,8 +69,8 @@ def attention(
         )
         return out, None
 
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, Tq, Tk)
+    factor = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)).float() * factor  # (B, H, Tq, Tk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1).to(q.dtype)  # each row sums to 1
@@ -102,22 +102,24 @@ class KVCache:
         full it is reallocated with twice the room, so copies stay rare.
         """
         past, new = len(self), k.shape[-2]
-        if self._k is None or past + new > self._k.shape[-2]:
+        buffer_k, buffer_v = self._k, self._v
+        if buffer_k is None or buffer_v is None or past + new > buffer_k.shape[-2]:
             capacity = max(64, 2 * (past + new))
-            grown_k = k.new_empty(*k.shape[:-2], capacity, k.shape[-1])
-            grown_v = v.new_empty(*v.shape[:-2], capacity, v.shape[-1])
-            if past:
-                grown_k[..., :past, :] = self.k
-                grown_v[..., :past, :] = self.v
-            self._k, self._v = grown_k, grown_v
-        self._k[..., past:past + new, :] = k
-        self._v[..., past:past + new, :] = v
-        self.k, self.v = self._k[..., :past + new, :], self._v[..., :past + new, :]
-        return self.k, self.v
+            buffer_k = k.new_empty(*k.shape[:-2], capacity, k.shape[-1])  # (B, Hkv, cap, D)
+            buffer_v = v.new_empty(*v.shape[:-2], capacity, v.shape[-1])
+            if self.k is not None and self.v is not None:
+                buffer_k[..., :past, :] = self.k
+                buffer_v[..., :past, :] = self.v
+            self._k, self._v = buffer_k, buffer_v
+        buffer_k[..., past:past + new, :] = k
+        buffer_v[..., past:past + new, :] = v
+        keys, values = buffer_k[..., :past + new, :], buffer_v[..., :past + new, :]
+        self.k, self.v = keys, values
+        return keys, values  # (B, Hkv, past + new, D)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam search reorders hypotheses)."""
-        if self._k is not None:
+        if self._k is not None and self._v is not None:
             n = len(self)
             self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
             self.k, self.v = self._k[..., :n, :], self._v[..., :n, :]
@@ -140,15 +142,26 @@ class _Heads(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, head_dim)
 
-    def attend(self, q, k, v, mask, causal) -> torch.Tensor:
-        want = self.recorded is not None
+    def heads_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        """`attention()` with this layer's dropout (when training), recording its weights when
+        asked (`record_attention`): (B, H, Tq, D)."""
+        recorded = self.recorded
         p = self.dropout if self.training else 0.0
-        out, weights = attention(q, k, v, mask, causal, dropout_p=p, return_weights=want)
-        if want:
-            self.recorded.append(weights.detach())
+        out, weights = attention(q, k, v, mask, causal, dropout_p=p,
+                                 return_weights=recorded is not None)
+        if recorded is not None and weights is not None:
+            recorded.append(weights.detach())
+        return out
+
+    def merge(self, out: torch.Tensor) -> torch.Tensor:
+        """Concatenate the heads (B, H, T, D) and mix them: (B, T, d_model)."""
         B, _, T, _ = out.shape
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # concat heads
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * D)
         return self.out(out)  # (B, T, d_model)
+
+    def attend(self, q, k, v, mask, causal) -> torch.Tensor:
+        return self.merge(self.heads_attention(q, k, v, mask, causal))  # (B, T, d_model)
 
 
 class SelfAttention(_Heads):
@@ -166,16 +179,34 @@ class SelfAttention(_Heads):
         mask: torch.Tensor | None = None,
         causal: bool = False,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | list[KVCache] | None = None,
     ) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model).
+
+        cache: one KVCache for the whole batch, or a list with one per row (rows that continue
+        sequences of different lengths, without padding; see `attend_rows`).
+        """
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
         q, k, v = self.split(q, H), self.split(k, Hkv), self.split(v, Hkv)  # (B, heads, T, D)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if isinstance(cache, list):
+            return self.attend_rows(q, k, v, cache, causal)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, Hkv, T_past + T, D)
         return self.attend(q, k, v, mask, causal)
+
+    def attend_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    caches: list[KVCache], causal: bool) -> torch.Tensor:
+        """Each row r < len(caches) against its own cache (its own length: no padding, no
+        mask); the rows after those are filler and attend to nothing (zeros). The projections
+        around it run on all B rows at once. q: (B, H, T, D); k, v: (B, Hkv, T, D)."""
+        out = torch.zeros_like(q)  # (B, H, T, D)
+        for r, cache in enumerate(caches):
+            keys, values = cache.append(k[r:r + 1], v[r:r + 1])  # (1, Hkv, T_past_r + T, D)
+            out[r:r + 1] = self.heads_attention(q[r:r + 1], keys, values, None, causal)
+        return self.merge(out)  # (B, T, d_model)
 
 
 class CrossAttention(_Heads):
@@ -195,8 +226,8 @@ class CrossAttention(_Heads):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         q = self.split(self.q(x), self.n_heads)
-        if cache is not None and len(cache):  # the source does not change while decoding
-            k, v = cache.k, cache.v
+        if cache is not None and cache.k is not None and cache.v is not None:
+            k, v = cache.k, cache.v  # the source does not change while decoding
         else:
             k, v = self.kv(memory).chunk(2, dim=-1)
             k, v = self.split(k, self.n_kv_heads), self.split(v, self.n_kv_heads)

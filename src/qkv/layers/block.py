@@ -73,8 +73,10 @@ class DecoderBlock(_Residual):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
-        cache: tuple[KVCache, KVCache] | None = None,
+        cache: tuple[KVCache | list[KVCache], KVCache | None] | None = None,
     ) -> torch.Tensor:
+        """cache: this block's (self-attention, cross-attention) caches; the self-attention's
+        may be a list of one cache per row (see `SelfAttention.attend_rows`)."""
         self_cache, cross_cache = cache if cache is not None else (None, None)
         x = self.residual(
             x, self.self_attn_norm,
@@ -97,6 +99,12 @@ class DecoderCache:
 
     def __len__(self) -> int:  # how many positions are cached
         return len(self.layers[0][0]) if self.layers else 0
+
+    @staticmethod
+    def per_row(caches: list[DecoderCache], n_layers: int) -> list[tuple[list[KVCache], None]]:
+        """Block by block, the self-attention caches of `caches` (one per batch row): what the
+        blocks read when each row continues its own sequence. Decoder-only (no cross-attention)."""
+        return [([cache.layers[i][0] for cache in caches], None) for i in range(n_layers)]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam search reorders hypotheses)."""

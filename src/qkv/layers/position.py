@@ -56,6 +56,8 @@ def sinusoidal_table(n_positions: int, d_model: int, layout: str = "interleaved"
 
 
 class SinusoidalPositions(nn.Module):
+    table: torch.Tensor  # (max_len, d_model), a buffer
+
     def __init__(self, max_len: int, d_model: int, layout: str = "interleaved"):
         super().__init__()
         self.d_model, self.layout = d_model, layout
@@ -75,6 +77,8 @@ class RotaryEmbedding(nn.Module):
     Dimension pairs (i, i + d/2) of each head are rotated by pos * theta^(-2i/d): the
     "rotate half" arrangement that Llama's checkpoints use.
     """
+
+    inv_freq: torch.Tensor  # (head_dim / 2,), a buffer
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -185,6 +185,75 @@ def create_app(source: Served | Callable[[], Served], *, api_key: str | None = N
                   lifespan=lifespan)
     app.state.qkv = state
     app.state.max_tokens = max_tokens
+    _add_error_handlers(app)
+
+    # ------------------------------------------------------------------ routes
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.served is None:
+            _loading(state)
+        engine = _engine(state)
+        if not engine.thread.is_alive():
+            raise ApiError(503, "the generation engine has stopped", "service_unavailable",
+                           code="engine_stopped")
+        return JSONResponse({"status": "ok", **engine.stats()})
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        served = _ready(state)
+        return {"object": "list", "data": [_model_card(served)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        served = _ready(state)
+        _check_model(served, model_id)
+        return _model_card(served)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        served = _ready(state)
+        _check_model(served, body.model)
+        _check_completion(body)
+        if served.family == "encoder-decoder":
+            return await _translate(state, served, body, request, max_tokens)
+        _need_decoder(served, "completions")
+        prompts = _completion_prompts(served, body.prompt)
+        return await _generate(state, served, body, request, prompts, max_tokens, chat=False,
+                               logprobs=body.logprobs)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        served = _ready(state)
+        _check_model(served, body.model)
+        _check_chat(body)
+        _need_decoder(served, "chat completions")
+        ids = _chat_ids(served, body.messages)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return await _generate(state, served, body, request, [ids], max_tokens, chat=True,
+                               logprobs=logprobs)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request):
+        served = _ready(state)
+        _check_model(served, body.model)
+        return await _embed(state, served, body, request)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        served = _ready(state)
+        ids = _tokenize(served, body)
+        return {"tokens": ids, "count": len(ids), "max_model_len": served.context}
+
+    # Pure ASGI middleware, outermost last: the key is checked first, then the body size.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_key is not None:
+        app.add_middleware(BearerKey, key=api_key)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answers with OpenAI's error body."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -206,100 +275,49 @@ def create_app(source: Served | Callable[[], Served], *, api_key: str | None = N
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}",
                                        "server_error"), status_code=500)
 
-    # ------------------------------------------------------------------ routes
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        if state.served is None:
-            _loading(state)
-        if not state.engine.thread.is_alive():
-            raise ApiError(503, "the generation engine has stopped", "service_unavailable",
-                           code="engine_stopped")
-        return JSONResponse({"status": "ok", **state.engine.stats()})
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        served = _ready(state)
-        return {"object": "list", "data": [_model_card(served)]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str) -> dict:
-        served = _ready(state)
-        _check_model(served, model_id)
-        return _model_card(served)
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        served = _ready(state)
-        _check_model(served, body.model)
-        _check_unsupported(body)
-        if body.echo:
-            raise ApiError(400, "echo=true is not supported", param="echo")
-        if body.suffix is not None:
-            raise ApiError(400, "suffix is not supported", param="suffix")
-        if body.best_of is not None and body.best_of != body.n:
-            raise ApiError(400, "best_of must equal n (qkv returns every choice it makes)",
-                           param="best_of")
-        if served.family == "encoder-decoder":
-            return await _translate(state, served, body, request, max_tokens)
-        _need_decoder(served, "completions")
-        prompts = _completion_prompts(served, body.prompt)
-        return await _generate(state, served, body, request, prompts, max_tokens, chat=False,
-                               logprobs=body.logprobs)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
-        served = _ready(state)
-        _check_model(served, body.model)
-        _check_unsupported(body)
-        for name in ("tools", "tool_choice"):
-            if getattr(body, name) is not None:
-                raise ApiError(400, f"{name} is not supported (no tool calling)", param=name)
-        if body.response_format is not None and body.response_format != {"type": "text"}:
-            raise ApiError(400, "only response_format {\"type\": \"text\"} is supported",
-                           param="response_format")
-        if body.top_logprobs is not None and not body.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        if body.max_completion_tokens is not None:
-            if body.max_tokens is not None and body.max_tokens != body.max_completion_tokens:
-                raise ApiError(400, "max_tokens and max_completion_tokens disagree; send one",
-                               param="max_completion_tokens")
-            body.max_tokens = body.max_completion_tokens
-        _need_decoder(served, "chat completions")
-        ids = _chat_ids(served, body.messages)
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await _generate(state, served, body, request, [ids], max_tokens, chat=True,
-                               logprobs=logprobs)
-
-    @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest, request: Request):
-        served = _ready(state)
-        _check_model(served, body.model)
-        return await _embed(state, served, body, request)
-
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict:
-        served = _ready(state)
-        if body.model is not None:
-            _check_model(served, body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise ApiError(400, "send exactly one of prompt and messages", param="prompt")
-        if body.messages is not None:
-            ids = _chat_ids(served, body.messages, body.add_generation_prompt)
-        else:
-            ids = served.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": served.context}
-
-    # Pure ASGI middleware, outermost last: the key is checked first, then the body size.
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    if api_key is not None:
-        app.add_middleware(BearerKey, key=api_key)
-    return app
-
 
 # ---------------------------------------------------------------------- checks
 
-def _loading(state: ServerState):
+def _check_completion(body: CompletionRequest) -> None:
+    _check_unsupported(body)
+    if body.echo:
+        raise ApiError(400, "echo=true is not supported", param="echo")
+    if body.suffix is not None:
+        raise ApiError(400, "suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise ApiError(400, "best_of must equal n (qkv returns every choice it makes)",
+                       param="best_of")
+
+
+def _check_chat(body: ChatRequest) -> None:
+    """Refuse what qkv does not do; max_completion_tokens becomes max_tokens."""
+    _check_unsupported(body)
+    for name in ("tools", "tool_choice"):
+        if getattr(body, name) is not None:
+            raise ApiError(400, f"{name} is not supported (no tool calling)", param=name)
+    if body.response_format is not None and body.response_format != {"type": "text"}:
+        raise ApiError(400, "only response_format {\"type\": \"text\"} is supported",
+                       param="response_format")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    if body.max_completion_tokens is not None:
+        if body.max_tokens is not None and body.max_tokens != body.max_completion_tokens:
+            raise ApiError(400, "max_tokens and max_completion_tokens disagree; send one",
+                           param="max_completion_tokens")
+        body.max_tokens = body.max_completion_tokens
+
+
+def _tokenize(served: Served, body: TokenizeRequest) -> list[int]:
+    if body.model is not None:
+        _check_model(served, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise ApiError(400, "send exactly one of prompt and messages", param="prompt")
+    if body.messages is not None:
+        return _chat_ids(served, body.messages, body.add_generation_prompt)
+    return served.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+
+
+def _loading(state: ServerState) -> NoReturn:
     if state.load_error is not None:
         raise ApiError(503, f"the model failed to load: {state.load_error}",
                        "service_unavailable", code="model_load_failed")
@@ -308,9 +326,17 @@ def _loading(state: ServerState):
 
 
 def _ready(state: ServerState) -> Served:
-    if state.served is None:
+    served = state.served
+    if served is None:
         _loading(state)
-    return state.served
+    return served
+
+
+def _engine(state: ServerState) -> Engine:
+    engine = state.engine
+    if engine is None:
+        _loading(state)
+    return engine
 
 
 def _model_card(served: Served) -> dict:
@@ -496,13 +522,14 @@ async def _generate(state: ServerState, served: Served, body, request: Request,
     if len(prompts) * n > state.max_queue:
         raise ApiError(400, f"{len(prompts)} prompts x n={n} choices is more than the queue "
                        f"holds ({state.max_queue})", param="n")
+    engine = _engine(state)
     req = _Request()
     for p, ids in enumerate(prompts):
         for j in range(n):
             sampling = _sampling(served, body, len(ids), max_tokens, logprobs, j)
             req.seqs.append(Sequence(ids, sampling, req.emitter(p * n + j)))
     try:
-        state.engine.submit(req.seqs)
+        engine.submit(req.seqs)
     except QueueFull:
         raise _queue_full() from None
     prompt_tokens = sum(len(ids) for ids in prompts)
@@ -510,7 +537,7 @@ async def _generate(state: ServerState, served: Served, body, request: Request,
     meta = {"id": rid, "created": int(time.time()), "model": served.name}
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        frames = _stream_frames(req, state.engine, meta, chat, len(req.seqs), prompt_tokens,
+        frames = _stream_frames(req, engine, meta, chat, len(req.seqs), prompt_tokens,
                                 usage)
         return StreamingResponse(frames, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -528,7 +555,7 @@ async def _generate(state: ServerState, served: Served, body, request: Request,
                 reasons[i] = ev["finish_reason"]
                 completion_tokens += ev["completion_tokens"]
     finally:
-        req.cancel(state.engine)  # a no-op for finished sequences
+        req.cancel(engine)  # a no-op for finished sequences
     if any(r is None for r in reasons):  # the client went away: nobody reads this
         return JSONResponse(error_body("client disconnected", "invalid_request_error"), 499)
     choices = []
@@ -633,7 +660,7 @@ async def _run_job(state: ServerState, request: Request, fn: Callable[[], Any]) 
             pass
 
     try:
-        state.engine.run_job(fn, done)
+        _engine(state).run_job(fn, done)
     except QueueFull:
         raise _queue_full() from None
     try:
@@ -709,10 +736,11 @@ async def _embed(state: ServerState, served: Served, body: EmbeddingRequest, req
     if served.family != "encoder":
         raise ApiError(400, f"embeddings need an encoder model; {served.name!r} is a "
                        f"{served.family}", param="model", code="wrong_model_family")
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    if not texts:
+    given = [body.input] if isinstance(body.input, str) else body.input
+    if not given:
         raise ApiError(400, "input is an empty list", param="input")
-    if not all(isinstance(t, str) for t in texts):
+    texts = [t for t in given if isinstance(t, str)]
+    if len(texts) != len(given):
         raise ApiError(400, "input must be text (a string or a list of strings); token ids "
                        "are not supported", param="input")
     if len(texts) > 2048:

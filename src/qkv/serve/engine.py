@@ -16,8 +16,10 @@ Same text alone or in a batch. The step runs every linear layer on a batch of ex
 product's rows are computed the same way for the same shapes, but not across shapes (PyTorch's
 CPU kernels sum in a different order for one row than for eight), so a fixed width keeps each
 row's numbers independent of its neighbours. Attention, whose inputs have a different length
-for every sequence, runs per sequence on its own cache: no padding, no mask. The prefill runs
-per sequence too. So a greedy or seeded request gives the same tokens alone or beside others.
+for every sequence, runs per sequence on its own cache: no padding, no mask (the model does
+this when `Transformer.next_token_logits` is given a list of caches, one per row). The prefill
+runs per sequence too. So a greedy or seeded request gives the same tokens alone or beside
+others.
 
 A fixed width costs little on a CPU if the weights are packed for it: fp32 linear layers of the
 step use MKL's packed matrix product (`torch.ops.mkl._mkl_linear`, the kernel PyTorch's own
@@ -46,8 +48,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..generate import _TextRow, sample_next
-from ..layers.attention import attention
+from ..batching import model_device
+from ..generate import TextRow, sample_next
+from ..layers.block import DecoderCache
+from ..model import Transformer
 
 Emit = Callable[[dict], None]
 
@@ -84,8 +88,8 @@ class Sequence:
         self.emit = emit
         self.last_token: int | None = None
         self.generated = 0
-        self.cache = None  # the model's decoder cache, made at prefill
-        self.row: _TextRow | None = None
+        self.cache: DecoderCache | None = None  # the model's decoder cache, made at prefill
+        self.row: TextRow | None = None
         self.generator: torch.Generator | None = None
         self.cancelled = False
         self.finished = False
@@ -95,15 +99,11 @@ class Sequence:
         """Ask the engine to stop this sequence at its next step (thread-safe: one flag)."""
         self.cancelled = True
 
-    @property
-    def length(self) -> int:  # positions in the cache
-        return len(self.prompt_ids) + self.generated - 1 if self.generated else 0
-
 
 class Engine:
     """Runs the sequences of many requests on one decoder model, in a background thread."""
 
-    def __init__(self, model: nn.Module, tokenizer, max_seqs: int = 8,
+    def __init__(self, model: Transformer, tokenizer, max_seqs: int = 8,
                  max_queue: int = 64, pack: bool = True, exact: bool = True) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.exact = exact
@@ -116,7 +116,7 @@ class Engine:
         self.stopping = False
         self.steps = 0  # decoding steps run (for tests and stats)
         self.peak = 0  # the most sequences decoded in one step so far
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self.thread = threading.Thread(target=self._loop, name="qkv-serve-engine", daemon=True)
         self.thread.start()
 
@@ -212,36 +212,27 @@ class Engine:
         """Read the prompt of one sequence into its own cache and draw its first token."""
         model = self.model
         s = seq.sampling
-        seq.row = _TextRow(self.tokenizer, s.stop, self.tokenizer.eos_id)
+        seq.row = TextRow(self.tokenizer, s.stop, self.tokenizer.eos_id)
         if s.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(s.seed)
         seq.cache = model.new_cache()
         ids = torch.tensor([seq.prompt_ids], device=self.device)  # (1, T)
-        # NOTE(after the refactor): `model.tokens` becomes `model.token_embedding`.
-        h = model.decoder(model.tokens(ids), cache=seq.cache)  # (1, T, d_model)
-        self._choose(seq, model.logits(h[:, -1]).float())  # (1, V)
+        self._choose(seq, model.next_token_logits(ids, seq.cache))  # (1, V)
         self.running.append(seq)
 
     @torch.inference_mode()
     def _step(self, seqs: list[Sequence]) -> None:
         """One new token for each running sequence, linear layers on `max_seqs` rows (on as
-        many rows as sequences when not `exact`)."""
-        model, dec = self.model, self.model.decoder
+        many rows as sequences when not `exact`): each live row against its own cache, the
+        rows after them filler (token 0)."""
         W = self.max_seqs if self.exact else len(seqs)
-        ids = torch.zeros(W, 1, dtype=torch.long, device=self.device)
-        positions = torch.zeros(W, 1, dtype=torch.long, device=self.device)
-        for r, seq in enumerate(seqs):
-            ids[r, 0] = seq.last_token
-            positions[r, 0] = seq.length
+        ids = torch.zeros(W, 1, dtype=torch.long, device=self.device)  # (W, 1)
+        ids[:len(seqs), 0] = torch.tensor([seq.last_token for seq in seqs])
+        caches = [seq.cache for seq in seqs if seq.cache is not None]
+        if len(caches) != len(seqs):
+            raise RuntimeError("a running sequence has no cache")
         with self.packed.active():
-            x, rope = dec.embed(model.tokens(ids), positions)  # (W, 1, d_model)
-            for i, layer in enumerate(dec.layers):
-                caches = [seq.cache.layers[i][0] for seq in seqs]
-                x = layer.residual(x, layer.self_attn_norm,
-                                   lambda h, layer=layer, caches=caches: _ragged_self_attention(
-                                       layer.self_attn, h, rope, caches))
-                x = layer.residual(x, layer.ffn_norm, layer.ffn)
-            logits = model.logits(dec.finish(x)[:, -1]).float()  # (W, V)
+            logits = self.model.next_token_logits(ids, caches)  # (W, V)
         for r, seq in enumerate(seqs):
             self._choose(seq, logits[r:r + 1])
 
@@ -253,14 +244,17 @@ class Engine:
         seq.generated += 1
         if s.logprobs is not None and token != self.tokenizer.eos_id:
             seq.pending_logprobs.append(self._logprob_entry(logits[0], token, s.logprobs))
-        piece = seq.row.push(token)
-        ended = seq.row.done  # end-of-text or a stop string
+        row = seq.row
+        if row is None:
+            raise RuntimeError("a sequence chose a token before its prefill")
+        piece = row.push(token)
+        ended = row.done  # end-of-text or a stop string
         limit = seq.generated >= s.max_tokens
         if piece or (seq.pending_logprobs and (ended or limit)):
             seq.emit({"type": "text", "text": piece, "logprobs": seq.pending_logprobs})
             seq.pending_logprobs = []
         if ended or limit:
-            if not ended and (rest := seq.row.flush()):
+            if not ended and (rest := row.flush()):
                 seq.emit({"type": "text", "text": rest, "logprobs": seq.pending_logprobs})
                 seq.pending_logprobs = []
             seq.finished = True
@@ -290,8 +284,10 @@ class _PackedLinears:
         if model is None or not _mkl_packing():
             return
         for m in model.modules():
-            w = m.weight if type(m) is nn.Linear else None
-            if w is not None and w.dtype == torch.float32 and w.device.type == "cpu":
+            if type(m) is not nn.Linear:  # not a subclass: those have their own forward
+                continue
+            w = m.weight
+            if w.dtype == torch.float32 and w.device.type == "cpu":
                 packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), width)
                 self.layers.append((m, functools.partial(_packed_linear, m, packed, width)))
 
@@ -317,27 +313,6 @@ def _packed_linear(layer: nn.Linear, packed: torch.Tensor, width: int,
         return F.linear(x, layer.weight, layer.bias)
     y = torch.ops.mkl._mkl_linear(flat, packed, layer.weight, layer.bias, width)
     return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def _ragged_self_attention(attn, x: torch.Tensor, rope, caches: list) -> torch.Tensor:
-    """Causal self-attention of one new token per row, each row against its own KV cache.
-
-    x: (W, 1, d_model) with the live rows first (len(caches) of them) and zero rows after.
-    The projections run on all W rows; attention runs row by row (different lengths).
-    """
-    H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    q, k, v = attn.qkv(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
-    q, k, v = attn.split(q, H), attn.split(k, Hkv), attn.split(v, Hkv)  # (W, heads, 1, D)
-    if rope is not None:
-        from ..layers.position import apply_rotary
-
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-    out = torch.zeros_like(q)  # (W, H, 1, D): empty rows stay zero
-    for r, cache in enumerate(caches):
-        keys, values = cache.append(k[r:r + 1], v[r:r + 1])  # (1, Hkv, T_r, D)
-        out[r:r + 1] = attention(q[r:r + 1], keys, values, causal=True)[0]
-    W = x.shape[0]
-    return attn.out(out.transpose(1, 2).reshape(W, 1, H * D))  # (W, 1, d_model)
 
 
 def wait_idle(engine: Engine, timeout: float = 5.0) -> bool:
