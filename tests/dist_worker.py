@@ -85,9 +85,9 @@ def interrupt_at(step: int):
     return callback
 
 
-def resume_config(root: Path, name: str) -> TrainConfig:
+def resume_config(root: Path, name: str, **overrides: Any) -> TrainConfig:
     """With dropout: an exact resume needs each rank's random state back."""
-    return lm_config(root, name, dropout=0.1, max_steps=8, eval_every=4)
+    return lm_config(root, name, dropout=0.1, max_steps=8, eval_every=4, **overrides)
 
 
 def classify(root: Path) -> Any:
@@ -124,6 +124,9 @@ def main(root: Path) -> None:
     train(resume_config(root, "exact-full"))         # bit-exact resume under DDP
     train(resume_config(root, "exact-cut"), callback=interrupt_at(3))
     train(resume_config(root, "exact-cut"), resume=True)
+    train(resume_config(root, "fsdp-full", fsdp=True))  # FSDP: resume from gathered state
+    train(resume_config(root, "fsdp-cut", fsdp=True), callback=interrupt_at(3))
+    train(resume_config(root, "fsdp-cut", fsdp=True), resume=True)
     train(lm_config(root, "w1-cut", max_steps=8), resume=True)  # written by one process
     train(lm_config(root, "w2-cut", max_steps=8), callback=interrupt_at(4))  # one resumes it
     model = classify(root)

@@ -143,6 +143,12 @@ def test_resume_under_ddp_is_bit_exact(runs):
     assert full_log == [(r["step"], r["train_loss"]) for r in read_log(runs / "exact-cut")]
 
 
+def test_resume_under_fsdp_is_bit_exact(runs):
+    full, cut = final(runs / "fsdp-full"), final(runs / "fsdp-cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    assert read_state(runs / "fsdp-cut" / "training")["step"] == 8
+
+
 def test_a_one_process_checkpoint_resumes_on_two_ranks_and_back(runs):
     reference = final(runs / "w1-full")
     assert read_state(runs / "w1-cut" / "training")["step"] == 8  # resumed by the two ranks
