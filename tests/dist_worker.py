@@ -129,6 +129,7 @@ def main(root: Path) -> None:
     train(resume_config(root, "fsdp-cut", fsdp=True), resume=True)
     train(lm_config(root, "w1-cut", max_steps=8), resume=True)  # written by one process
     train(lm_config(root, "w2-cut", max_steps=8), callback=interrupt_at(4))  # one resumes it
+    train(lm_config(root, "timed", max_steps=None, time_limit=3.0, eval_every=1000))
     model = classify(root)
     if distributed.is_main():
         save_weights(model, root / "classify-2.safetensors", model.tied_weights())

@@ -158,6 +158,11 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks_and_back(runs):
     assert max_diff(final(runs / "w2-cut"), reference) <= TOL
 
 
+def test_a_time_limit_ends_every_rank_at_the_same_update(runs):
+    state = read_state(runs / "timed" / "training")  # the worker finished: no rank was left
+    assert state["step"] > 12 and read_log(runs / "timed")[-1]["step"] == state["step"]
+
+
 def test_checkpoints_have_no_wrapper_prefixes(runs):
     plain = set(final(runs / "lm-1"))
     for name in ("lm-2", "lm-fsdp"):
