@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,42 +69,44 @@ def cpu(quick: bool) -> None:
                   "wall, start-up included)")
 
 
-def gpu(quick: bool, peak_tflops: float) -> None:
-    from qkv import ModelConfig, Transformer
+def gpu_speed(cfg: Any, batch: int, T: int, steps: int, compiled: bool) -> float:
+    """tokens/s of GPT-2 training steps in bf16 on the GPU (after 3 warm-up steps)."""
+    from qkv import Transformer
     from qkv.train import make_optimizer, next_token_loss
 
     device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device).train()
+    optimizer = make_optimizer(model, 6e-4, 0.1, fused=True)
+    loss_fn = torch.compile(next_token_loss) if compiled else next_token_loss
+    x = torch.randint(0, cfg.vocab_size, (batch, T + 1), device=device)
+    for i in range(3 + steps):
+        if i == 3:  # after the warm-up (and compilation)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(model, x[:, :-1], x[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return steps * batch * T / (time.perf_counter() - t0)
+
+
+def gpu(quick: bool, peak_tflops: float) -> None:
+    from qkv import ModelConfig, Transformer
+
     cfg = ModelConfig(family="decoder", vocab_size=50304, d_model=768, n_layers=12, n_heads=12,
                       max_seq_len=1024, dropout=0.0)
     batch, T = (2, 256) if quick else (8, 1024)
     steps = 3 if quick else 20
-    print(f"gpu: {torch.cuda.get_device_name()}, GPT-2 124M, bf16, batch {batch} x {T}, "
-          f"peak {peak_tflops} TFLOP/s")
+    n = sum(p.numel() for p in Transformer(cfg).parameters())  # tied weights counted once
+    flops_per_token = 6 * n + 12 * cfg.n_layers * cfg.d_model * T
+    print(f"gpu: {torch.cuda.get_device_name()}, GPT-2 124M ({n / 1e6:.0f}M parameters), bf16, "
+          f"batch {batch} x {T}, peak {peak_tflops} TFLOP/s")
     for compiled in (False, True):
-        torch.manual_seed(0)
-        model = Transformer(cfg).to(device).train()
-        optimizer = make_optimizer(model, 6e-4, 0.1, fused=True)
-        n = sum(p.numel() for p in model.parameters())  # tied weights counted once
-        flops_per_token = 6 * n + 12 * cfg.n_layers * cfg.d_model * T
-        loss_fn = torch.compile(next_token_loss) if compiled else next_token_loss
-        x = torch.randint(0, cfg.vocab_size, (batch, T + 1), device=device)
-
-        def step() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = loss_fn(model, x[:, :-1], x[:, 1:])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        for _ in range(3):  # warm-up (and compilation)
-            step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        tokens_s = steps * batch * T / (time.perf_counter() - t0)
+        tokens_s = gpu_speed(cfg, batch, T, steps, compiled)
         mfu = tokens_s * flops_per_token / (peak_tflops * 1e12)
         print(f"  {'torch.compile' if compiled else 'eager':<14} {tokens_s:>12,.0f} tokens/s "
               f"  MFU {100 * mfu:.1f}%")
