@@ -22,6 +22,7 @@ import qkv
 from explain_util import decoder, encoder, live, seq2seq
 from qkv.explain import capture
 from qkv.explain.app import explain_router
+from qkv.generate import decode_tokens
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs the dev extra (playwright)")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -128,8 +129,11 @@ def pick(page, layer: int, head: str, stage: str) -> None:
     page.select_option("#layer", str(layer))
     page.select_option("#head", head)
     page.select_option("#stage", stage)
-    page.wait_for_function(f"document.getElementById('head-canvas').dataset.stage === '{stage}'"
-                           f" && document.getElementById('head-canvas').dataset.head === '{head}'")
+    page.wait_for_function(
+        "([stage, head]) => { const c = document.getElementById('head-canvas');"
+        " return c.dataset.stage === stage && c.dataset.head === head &&"
+        " c.dataset.layer === document.getElementById('layer').selectedOptions[0].text; }",
+        arg=[stage, head])
 
 
 def test_every_stage_of_a_head_equals_pytorch(page, server, models, shots):
@@ -155,6 +159,7 @@ def test_every_stage_of_a_head_equals_pytorch(page, server, models, shots):
     assert torch.allclose(torch.tensor(row_values(page)), expected, atol=1e-6, rtol=0)
     # hover prints the exact value of the cell under the pointer
     pick(page, 1, "3", "weights")
+    page.locator("#head-canvas").scroll_into_view_if_needed()
     box = page.locator("#head-canvas").bounding_box()
     T = len(TEXT)
     page.mouse.move(box["x"] + box["width"] * 2.5 / T, box["y"] + box["height"] * 7.5 / T)
@@ -166,24 +171,23 @@ def test_every_stage_of_a_head_equals_pytorch(page, server, models, shots):
 
 
 def test_pin_and_hide_special_sinks(page, server, models):
-    model, tok = models["/s2s"]
-    open_page(page, server, "/s2s")
-    rerun(page, "abc")  # the source ends with </s>: a special token
+    model, tok = models["/enc"]
+    open_page(page, server, "/enc")
+    rerun(page, "the cat sat")  # [CLS] the cat sat [SEP]: two special tokens
     page.click("#tokens .tok[data-index='1']")
     assert page.locator("#tokens .tok.pinned").count() == 1
-    page.select_option("#layer", "0")  # encoder self-attention: row 1 listed
-    page.wait_for_selector("#pinned-row")
+    pick(page, 0, "1", "weights")
     assert page.get_attribute("#pinned-row", "data-row") == "1"
-    specials = [j for j, i in enumerate(page.eval_on_selector_all(
-        "#tokens .tok sub", "s => s.map(e => Number(e.textContent))")) if i in
-        {tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id}]
-    assert specials, "the source has an end token"
+    ids = page.eval_on_selector_all("#tokens .tok sub", "s => s.map(e => +e.textContent)")
+    specials = [j for j, i in enumerate(ids) if i in (tok.cls_id, tok.sep_id)]
+    assert specials == [0, len(ids) - 1]
     page.check("#hide-special")
     hidden = page.eval_on_selector_all("#pinned-row td.hidden", "c => c.map(e => +e.dataset.j)")
     assert hidden == specials
-    assert "hidden" in page.text_content("#head-note")
+    assert "2 special column(s) hidden" in page.text_content("#head-note")
     page.click("#tokens .tok[data-index='1']")  # click again: unpinned
     assert page.locator("#tokens .tok.pinned").count() == 0
+    assert page.locator("#pinned-row").count() == 0
 
 
 def test_full_vocabulary_softmax_and_seeded_draw(page, server, models, shots):
@@ -218,6 +222,9 @@ def test_full_vocabulary_softmax_and_seeded_draw(page, server, models, shots):
             page.evaluate("delete document.getElementById('drawn').dataset.id")
             text = qkv.generate(model, tok, TEXT, max_new_tokens=1, seed=seed, **options)
             assert tok.decode([drawn]) == text
+            g = torch.Generator().manual_seed(seed)
+            assert drawn == int(next(iter(decode_tokens(model, [ref.ids], 1, generator=g,
+                                                        **options)))[0])
     shoot(page, shots, "view-output")
 
 
@@ -248,8 +255,8 @@ def test_ffn_residual_lens_and_steps(page, server, models, shots):
     assert caches == [len(TEXT) + i for i in range(5)]
     ids = page.eval_on_selector_all("#steps tr", "r => r.slice(1).map(x => +x.cells[2]"
                                     ".textContent)")
-    text = qkv.generate(model, tok, TEXT, max_new_tokens=5, temperature=0.8, seed=2)
-    assert tok.decode(ids) == text
+    g = torch.Generator().manual_seed(2)
+    assert ids == [int(t[0]) for t in decode_tokens(model, [ref.ids], 5, 0.8, generator=g)]
     shoot(page, shots, "view-steps")
 
 
@@ -323,4 +330,4 @@ def test_png_and_self_contained_html_exports(page, server, models, browser, tmp_
     assert torch.allclose(shown, ref.stages("decoder.layers.1.self_attn", 0)["weights"][4],
                           atol=1e-6, rtol=0)
     offline.close()
-    assert errors == [] and [u for u in requests if not u.startswith("file:")] == []
+    assert errors == [] and [u for u in requests if not u.startswith(("file:", "data:"))] == []

@@ -285,10 +285,16 @@
     return result;
   }
 
+  // Answers may arrive out of order: only the latest request of a kind may draw.
+  const latest = {};
+  const ticket = (kind) => { latest[kind] = (latest[kind] || 0) + 1; return latest[kind]; };
+  const stale = (kind, t) => latest[kind] !== t;
+
   async function selectHead() {
     const li = Number($("layer").value), stage = $("stage").value;
-    const head = $("head").value;
+    const head = $("head").value, t = ticket("head");
     const data = await headData(li, head, stage);
+    if (stale("head", t)) return;
     if (!data) {
       $("head-note").textContent = "This stage is not part of the exported file: open the live page.";
       return;
@@ -384,9 +390,10 @@
   }
 
   async function drawTensor(selectId, canvasId, noteId) {
-    const name = $(selectId).value;
+    const name = $(selectId).value, k = ticket(canvasId);
     if (!name) return;
     const t = await bin(S.cap.id + "/tensor?name=" + encodeURIComponent(name), "tensor:" + name);
+    if (stale(canvasId, k)) return;
     const canvas = $(canvasId);
     if (!t) { if (noteId) $(noteId).textContent = "Not part of the exported file."; return; }
     const [rows, cols] = t.shape;
@@ -414,9 +421,11 @@
 
   async function renderOutput() {
     if (!S.cap.logit_positions) return;
+    const t = ticket("output");
     const probs = await bin(S.cap.id + "/probs?" + samplingQuery(), "probs");
     if (!probs) return;
     const raw = INLINE ? null : await bin(S.cap.id + "/probs?raw=true&position=" + $("position").value);
+    if (stale("output", t)) return;
     const p = probs.data, V = p.length, order = [...Array(V).keys()].sort((a, b) => p[b] - p[a]);
     let sum = 0, nonzero = 0;
     for (let i = 0; i < V; i++) { sum += p[i]; if (p[i] > 0) nonzero++; }
@@ -501,7 +510,9 @@
       $("lens").replaceChildren(el("p", { class: "note" }, INLINE ? "Not part of the exported file." : "No output layer."));
       return;
     }
+    const t = ticket("lens");
     const rows = await api(S.cap.id + "/lens?position=" + $("position").value + "&k=5");
+    if (stale("lens", t)) return;
     $("lens").replaceChildren(table(["after", "1st", "2nd", "3rd", "4th", "5th"], rows.map((r) =>
       [r.layer, ...r.top.map((t) => `${show(t.token)} ${t.prob.toFixed(3)}`)])));
   }
