@@ -305,3 +305,26 @@ def test_export_is_one_self_contained_file(api):
     html = client.get(f"/explain/api/{cid}/export.html").text
     assert "window.QKV_INLINE" in html and "<style>" in html
     assert 'src="' not in html and 'href="/' not in html
+
+
+def test_the_real_all_minilm_l6_v2():
+    """A real model, loaded from Hugging Face files: its capture agrees with its ordinary
+    forward pass, and its heads are the 6 x 12 of the checkpoint."""
+    from qkv.hub import packaged_minilm_path
+
+    model, tok = qkv.load(packaged_minilm_path())
+    cap = capture(model, tok, "The animal didn't cross the street because it was too tired")
+    assert len(cap.layers()) == 6 and cap.attention[cap.layers()[0]].shape[0] == 12
+    ids = torch.tensor([cap.ids])
+    final = cap.residual["encoder.5"]  # the last block's output: what encode() returns
+    assert torch.allclose(final, model.encode(ids)[0], atol=1e-4)
+    weights = cap.stages(cap.layers()[3])["weights"]
+    assert torch.allclose(weights.sum(-1), torch.ones(weights.shape[:2]), atol=1e-5)
+
+
+def test_lens_at_one_position():
+    model, tok = decoder()
+    cap = capture(model, tok, TEXT)
+    assert torch.allclose(cap.lens("decoder.0", -1), cap.lens("decoder.0")[-1], atol=1e-6)
+    with pytest.raises(qkv.InputError, match="position 99"):
+        cap.lens("decoder.0", 99)

@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.head is not None and args.layer is None:
         raise InputError("--head needs --layer (which layer's head to draw)")
-    out = plots._check_out(args.out)
+    out = plots.check_out(args.out)
     if args.npz and Path(args.npz).suffix != ".npz":
         raise InputError(f"{args.npz}: name the tensor file .npz")
     model, tokenizer = load(args.dir)

@@ -253,7 +253,7 @@ class Explainer:
         _, tokenizer = self.loaded()
         rows = []
         for key in cap.residual:
-            p = _qkv(lambda key=key: cap.lens(key))[position].softmax(-1)
+            p = _qkv(lambda key=key: cap.lens(key, position)).softmax(-1)  # (V,)
             top = p.topk(max(1, min(k, p.shape[0])))
             rows.append({"layer": key, "top": _ranked(tokenizer, top.values, top.indices)})
         return rows

@@ -110,14 +110,20 @@ class Capture:
         logits = self.logits[position][None].float()  # (1, V)
         return next_token_probs(logits, temperature, top_k, top_p)[0]
 
-    def lens(self, key: str) -> torch.Tensor:
+    def lens(self, key: str, position: int | None = None) -> torch.Tensor:
         """Logit lens (nostalgebraist 2020): the output layer applied to the residual stream
-        after block `key` ("decoder.3"), through the stack's final norm: (T, V) fp32."""
+        after block `key` ("decoder.3"), through the stack's final norm: (T, V) fp32, or (V,)
+        at one position."""
         if self.model is None or key not in self.residual:
             raise InputError(f"no residual stream {key!r}; recorded: {', '.join(self.residual)}")
         stack = getattr(self.model, key.split(".")[0])
+        h = self.residual[key]  # (T, d)
+        if position is not None:
+            if not -h.shape[0] <= position < h.shape[0]:
+                raise InputError(f"position {position} is outside the {h.shape[0]} tokens")
+            h = h[position]  # (d,)
         with torch.no_grad():
-            return self.model.logits(stack.norm(self.residual[key])).float()
+            return self.model.logits(stack.norm(h)).float()
 
     # ------------------------------------------------------------------ export
     def arrays(self) -> dict[str, np.ndarray]:

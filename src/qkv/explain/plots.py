@@ -53,7 +53,7 @@ def axes_tokens(cap: Capture, name: str) -> tuple[list[str], list[str]]:
     return queries, keys
 
 
-def _check_out(out: str | Path) -> Path:
+def check_out(out: str | Path) -> Path:
     out = Path(out)
     if out.suffix.lower() not in FORMATS:
         raise InputError(f"{out}: the map is written as PNG or SVG; name it .png or .svg")
@@ -64,7 +64,7 @@ def _check_out(out: str | Path) -> Path:
 
 def grid(cap: Capture, out: str | Path, layer: int | str | None = None) -> Path:
     """Thumbnails: a row per attention layer (or only `layer`), a column per head."""
-    out = _check_out(out)
+    out = check_out(out)
     plt = _pyplot()
     names = cap.layers() if layer is None else [layer_name(cap, layer)]
     n_heads = max(cap.attention[n].shape[0] for n in names)
@@ -91,7 +91,7 @@ def grid(cap: Capture, out: str | Path, layer: int | str | None = None) -> Path:
 
 def head(cap: Capture, out: str | Path, layer: int | str, head: int) -> Path:
     """One head in full: the query tokens down, the key tokens across, the weights as colour."""
-    out = _check_out(out)
+    out = check_out(out)
     plt = _pyplot()
     name = layer_name(cap, layer)
     maps = cap.attention[name]

@@ -23,9 +23,12 @@
     };
     const r = await fetch(PREFIX + "/api/" + path, init);
     const data = await r.json();
-    if (!r.ok) throw new Error(data.detail || r.statusText);
+    if (!r.ok) throw new Error(message(data) || r.statusText);
     return data;
   }
+
+  // FastAPI's {"detail"}, or the OpenAI envelope {"error": {"message"}} of `qkv serve`'s app
+  const message = (data) => (data && (data.detail || (data.error && data.error.message))) || "";
 
   function decodeInline(entry) {
     const raw = atob(entry.b64);
@@ -41,7 +44,7 @@
       return decodeInline(entry);
     }
     const r = await fetch(PREFIX + "/api/" + path);
-    if (!r.ok) throw new Error((await r.json()).detail || r.statusText);
+    if (!r.ok) throw new Error(message(await r.json()) || r.statusText);
     const shape = r.headers.get("X-Shape").split(",").filter((s) => s !== "").map(Number);
     return { data: new Float32Array(await r.arrayBuffer()), shape };
   }
