@@ -99,8 +99,8 @@ def rerun(page, text, target=None):
                            f"'{old}'")
 
 
-def shoot(page, shots: Path, view: str) -> None:
-    page.locator(f"#{view}").screenshot(path=str(shots / f"{view}.png"))
+def shoot(page, shots: Path, view: str, name: str | None = None) -> None:
+    page.locator(f"#{view}").screenshot(path=str(shots / f"{name or view}.png"))
 
 
 def row_values(page) -> list[float]:
@@ -298,7 +298,7 @@ def test_encoder_decoder_cross_attention(page, server, models, shots):
     expected = ref.stages("decoder.layers.1.cross_attn", 1)["weights"][3]
     assert shown.shape == (len(ref.tokens),)
     assert torch.allclose(shown, expected, atol=1e-6, rtol=0)
-    shoot(page, shots, "view-head-cross")
+    shoot(page, shots, "view-head", "view-head-cross")
 
 
 # ---------------------------------------------------------------------- exports

@@ -49,7 +49,7 @@ from .capture import STAGES, Capture, capture, draw_next, replay_steps
 
 Source = tuple[Transformer, Tokenizer] | Callable[[], tuple[Transformer, Tokenizer]]
 STATIC = {"explain.js": "text/javascript", "explain.css": "text/css"}
-KEPT = 8  # captures kept in memory for the page's lazy requests
+KEPT = 4  # captures kept in memory for the page's lazy requests
 MAX_STEPS = 64
 
 
@@ -252,7 +252,8 @@ class Explainer:
         cap = self.get(cid)
         _, tokenizer = self.loaded()
         rows = []
-        for key in cap.residual:
+        output = "decoder" if cap.family in ("decoder", "encoder-decoder") else "encoder"
+        for key in (k for k in cap.residual if k.startswith(output)):  # the logits' stack
             p = _qkv(lambda key=key: cap.lens(key, position)).softmax(-1)  # (V,)
             top = p.topk(max(1, min(k, p.shape[0])))
             rows.append({"layer": key, "top": _ranked(tokenizer, top.values, top.indices)})
