@@ -31,7 +31,10 @@ TEXT = "the cat sat on it"
 
 @pytest.fixture(scope="module")
 def models():
-    return {"/explain": decoder(), "/enc": encoder(), "/s2s": seq2seq()}
+    from qkv.hub import packaged_minilm_path
+
+    return {"/explain": decoder(), "/enc": encoder(), "/s2s": seq2seq(),
+            "/minilm": qkv.load(packaged_minilm_path())}
 
 
 @pytest.fixture(scope="module")
@@ -331,3 +334,26 @@ def test_png_and_self_contained_html_exports(page, server, models, browser, tmp_
                           atol=1e-6, rtol=0)
     offline.close()
     assert errors == [] and [u for u in requests if not u.startswith(("file:", "data:"))] == []
+
+
+def test_the_real_all_minilm_l6_v2(page, server, models, shots):
+    """The packaged all-MiniLM-L6-v2 (Hugging Face weights): 6 layers x 12 heads on the page,
+    and the weights it prints are the model's."""
+    model, tok = models["/minilm"]
+    text = "The animal didn't cross the street because it was too tired"
+    open_page(page, server, "/minilm")
+    rerun(page, text)
+    ref = capture(model, tok, text)
+    assert page.get_attribute("#overview", "data-drawn") == "72"
+    it = ref.tokens.index("it")
+    page.click(f"#tokens .tok[data-index='{it}']")
+    pick(page, 4, "11", "weights")
+    shown = torch.tensor(row_values(page))
+    expected = ref.stages("encoder.layers.4.attn", 11)["weights"][it]
+    assert torch.allclose(shown, expected, atol=1e-6, rtol=0)
+    shoot(page, shots, "view-overview", "minilm-overview")
+    shoot(page, shots, "view-head", "minilm-head")
+    page.check("#hide-special")  # [CLS] and [SEP] soak up attention: leave them out
+    hidden = page.eval_on_selector_all("#pinned-row td.hidden", "c => c.map(e => +e.dataset.j)")
+    assert hidden == [0, len(ref.ids) - 1]
+    shoot(page, shots, "view-head", "minilm-head-no-sinks")
