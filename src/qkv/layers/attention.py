@@ -172,7 +172,7 @@ class _Heads(nn.Module):
         want = self.recorded is not None
         p = self.dropout if self.training else 0.0
         out, weights = attention(q, k, v, mask, causal, dropout_p=p, return_weights=want)
-        if want:
+        if self.recorded is not None and weights is not None:
             self.recorded.append(weights.detach())
             if self.recorded_inputs is not None:
                 self.recorded_inputs.append(AttentionInputs(q.detach(), k.detach(), v.detach(),
@@ -249,8 +249,7 @@ class AttentionInputs(NamedTuple):
 
 
 @contextlib.contextmanager
-def record_attention(model: nn.Module, inputs: bool = False
-                     ) -> Iterator[dict[str, list[torch.Tensor]]]:
+def record_attention(model: nn.Module, inputs: bool = False) -> Iterator[dict[str, list]]:
     """Inside this block, every attention layer of `model` keeps its weights.
 
         with record_attention(model) as maps:
