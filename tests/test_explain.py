@@ -189,6 +189,7 @@ def test_alignment_of_any_model(tmp_path):
     m = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1]])
     cap = alignment(m, ["a", "b", "c"], ["x", "y"], name="bahdanau")
     assert cap.layers() == ["bahdanau"]
+    assert torch.equal(cap.stages("bahdanau", 0)["weights"], m)
     assert plots.head(cap, tmp_path / "a.png", "bahdanau", 0).read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(qkv.InputError, match="shape"):
         alignment(m, ["a", "b"], ["x", "y"])
@@ -328,3 +329,45 @@ def test_lens_at_one_position():
     assert torch.allclose(cap.lens("decoder.0", -1), cap.lens("decoder.0")[-1], atol=1e-6)
     with pytest.raises(qkv.InputError, match="position 99"):
         cap.lens("decoder.0", 99)
+
+
+@pytest.mark.slow
+def test_qkv_explain_serves_the_page_on_loopback(saved_models):
+    """`qkv explain DIR` as a user starts it: the page and its API answer on 127.0.0.1."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from explain_util import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qkv.cli", "explain",
+                             str(saved_models / "gpt"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/explain", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.1)
+        assert "explain.js" in page.read().decode()
+        info = urllib.request.urlopen(f"http://127.0.0.1:{port}/explain/api/model", timeout=5)
+        assert b'"family":"decoder"' in info.read()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_qkv_explain_mistakes_are_one_line(saved_models, tmp_path, capsys):
+    assert main(["explain", str(saved_models / "gpt"), "--port", "70000"]) == 2
+    assert "--port 70000" in capsys.readouterr().err
+    (tmp_path / "bare").mkdir()
+    model, _ = decoder()
+    qkv.save(model, None, tmp_path / "bare")
+    assert main(["explain", str(tmp_path / "bare")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no tokenizer.json" in err and len(err.splitlines()) == 1

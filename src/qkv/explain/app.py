@@ -224,7 +224,10 @@ class Explainer:
         if head == "mean":  # the average over heads
             return binary(_qkv(lambda: cap.stages(layer))[stage].mean(0, keepdim=True))
         h = None if head == "all" else _int(head, "head")
-        return binary(_qkv(lambda: cap.stages(layer, h))[stage])
+        stages = _qkv(lambda: cap.stages(layer, h))
+        if stage not in stages:
+            raise HTTPException(400, f"this capture has no {stage!r} stage")
+        return binary(stages[stage])
 
     def thumbs(self, cid: str, size: int = 64) -> Response:
         return binary(thumbnails(self.get(cid), max(4, min(size, 256))))

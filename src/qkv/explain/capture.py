@@ -79,8 +79,14 @@ class Capture:
         """Q.K -> scaled -> masked -> softmax -> .V of layer `name`: each (H, Tq, Tk), or
         (Tq, Tk) for one head ("output" is (H, Tq, d_head)). Recomputed from the recorded
         queries, keys and values by the attention module's own explicit path."""
-        if name not in self.inputs:
-            raise InputError(f"no attention layer {name!r}; recorded: {', '.join(self.inputs)}")
+        if name not in self.attention:
+            raise InputError(f"no attention layer {name!r}; recorded: "
+                             f"{', '.join(self.attention)}")
+        if name not in self.inputs:  # a bare alignment matrix: its weights are all there is
+            w = self.attention[name]
+            if head is not None and not 0 <= head < w.shape[0]:
+                raise InputError(f"head {head} is outside 0..{w.shape[0] - 1}")
+            return {"weights": w if head is None else w[head]}
         q, k, v, mask, causal = self.inputs[name]
         if head is not None:
             n = q.shape[1]
