@@ -20,8 +20,8 @@ from fastapi import FastAPI
 
 import qkv
 from explain_util import decoder, encoder, live, seq2seq
-from qkv.explain import capture
-from qkv.explain.app import explain_router
+from qkv.explain import alignment, capture
+from qkv.explain.app import Explainer, explain_router
 from qkv.generate import decode_tokens
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs the dev extra (playwright)")
@@ -37,11 +37,19 @@ def models():
             "/minilm": qkv.load(packaged_minilm_path())}
 
 
+SOURCE, TARGET = ["the", "cat", "sat", "</s>"], ["le", "chat", "assis", "</s>"]
+ALIGNMENT = torch.tensor([[0.7, 0.2, 0.05, 0.05], [0.1, 0.8, 0.05, 0.05],
+                          [0.05, 0.1, 0.8, 0.05], [0.0, 0.0, 0.1, 0.9]])
+
+
 @pytest.fixture(scope="module")
 def server(models):
     app = FastAPI()
     for prefix, pair in models.items():
         app.include_router(explain_router(pair, prefix=prefix))
+    aligned = Explainer(None, prefix="/align")  # no model: ready-made captures only
+    assert aligned.add(alignment(ALIGNMENT, SOURCE, TARGET, name="bahdanau")) == "c1"
+    app.include_router(aligned.router())
     with live(app) as url:
         yield url
 
@@ -357,3 +365,17 @@ def test_the_real_all_minilm_l6_v2(page, server, models, shots):
     hidden = page.eval_on_selector_all("#pinned-row td.hidden", "c => c.map(e => +e.dataset.j)")
     assert hidden == [0, len(ref.ids) - 1]
     shoot(page, shots, "view-head", "minilm-head-no-sinks")
+
+
+def test_an_alignment_from_any_model(page, server, shots):
+    """A bare (target x source) matrix, e.g. a recurrent model's Bahdanau attention, added to
+    an explainer and opened at ?capture=ID: the same head view, the same pinning."""
+    page.goto(server + "/align?capture=c1")
+    page.wait_for_selector("body[data-ready]")
+    assert page.eval_on_selector_all("#layer option", "o => o.map(e => e.textContent)") == [
+        "bahdanau"]
+    assert page.eval_on_selector_all("#stage option", "o => o.map(e => e.value)") == ["weights"]
+    page.click("#target-tokens .tok[data-index='2']")
+    assert torch.allclose(torch.tensor(row_values(page)), ALIGNMENT[2], atol=1e-7, rtol=0)
+    assert page.locator("#run-form").is_hidden() and page.locator("#view-output").is_hidden()
+    shoot(page, shots, "view-head", "alignment")

@@ -47,7 +47,7 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .capture import STAGES, Capture, capture, draw_next, replay_steps
 
-Source = tuple[Transformer, Tokenizer] | Callable[[], tuple[Transformer, Tokenizer]]
+Source = tuple[Transformer, Tokenizer] | Callable[[], tuple[Transformer, Tokenizer]] | None
 STATIC = {"explain.js": "text/javascript", "explain.css": "text/css"}
 KEPT = 4  # captures kept in memory for the page's lazy requests
 MAX_STEPS = 64
@@ -94,12 +94,12 @@ def model_info(model: Transformer, tokenizer: Tokenizer) -> dict[str, Any]:
             "mask_id": tokenizer.mask_id, "parameters": model.num_parameters()}
 
 
-def describe(cid: str, cap: Capture, tokenizer: Tokenizer) -> dict[str, Any]:
+def describe(cid: str, cap: Capture, tokenizer: Tokenizer | None) -> dict[str, Any]:
     """The JSON half of a capture: everything small; matrices come later, in binary."""
     layers = []
     for name, w in cap.attention.items():
         layers.append({"name": name, "heads": w.shape[0], "tq": w.shape[1], "tk": w.shape[2],
-                       "cross": "cross" in name,
+                       "cross": "cross" in name or cap.family == "alignment",
                        "stack": name.split(".")[0]})
     norms = {k: v.tolist() for k, v in cap.norms.items()}
     tensors = {}
@@ -108,9 +108,9 @@ def describe(cid: str, cap: Capture, tokenizer: Tokenizer) -> dict[str, Any]:
         for k, v in items.items():
             tensors[f"{group}/{k}"] = {"shape": list(v.shape),
                                        "norm": v.norm(dim=-1).tolist()}
-    mask_id = tokenizer.mask_id
+    mask_id = tokenizer.mask_id if tokenizer is not None else None
     fill = []
-    if cap.family == "encoder" and mask_id is not None and cap.logits is not None:
+    if cap.family == "encoder" and tokenizer and mask_id is not None and cap.logits is not None:
         for pos, i in enumerate(cap.ids):
             if i == mask_id:
                 p = cap.logits[pos].softmax(-1)
@@ -119,7 +119,8 @@ def describe(cid: str, cap: Capture, tokenizer: Tokenizer) -> dict[str, Any]:
                              "candidates": _ranked(tokenizer, top.values, top.indices)})
     return {"id": cid, "family": cap.family, "tokens": cap.tokens, "ids": cap.ids,
             "target_tokens": cap.target_tokens, "target_ids": cap.target_ids,
-            "layers": layers, "stages": list(STAGES), "tensors": tensors, "norms": norms,
+            "layers": layers, "stages": list(STAGES) if cap.inputs else ["weights"],
+            "tensors": tensors, "norms": norms,
             "residual_keys": list(cap.residual), "classes": cap.classes, "fill_mask": fill,
             "position_kind": cap.position_kind,
             "logit_positions": 0 if cap.logits is None else cap.logits.shape[0]}
@@ -151,7 +152,8 @@ class Explainer:
                "/api/vocab": self.vocab, "/api/{cid}/attention": self.attention,
                "/api/{cid}/thumbs": self.thumbs, "/api/{cid}/tensor": self.tensor,
                "/api/{cid}/probs": self.probs, "/api/{cid}/lens": self.lens,
-               "/api/{cid}/export.html": self.export}
+               "/api/{cid}/export.html": self.export,
+               "/api/{cid}": self.describe}  # last: after /api/model and /api/vocab
         for path, endpoint in get.items():
             html = path in ("", "/api/{cid}/export.html")
             router.add_api_route(path, endpoint, methods=["GET"], include_in_schema=False,
@@ -175,6 +177,8 @@ class Explainer:
         return self.captures[cid]
 
     def add(self, cap: Capture) -> str:
+        """Keep a capture for the page; returns its id. A capture made elsewhere (an RNN's
+        alignment from `qkv.explain.alignment`) opens at {prefix}?capture={id}."""
         self.counter += 1
         cid = f"c{self.counter}"
         self.captures[cid] = cap
@@ -204,7 +208,15 @@ class Explainer:
         return Response(_static(name), media_type=STATIC[name])
 
     def info(self) -> dict[str, Any]:
+        if self.source is None:  # an explainer of ready-made captures (alignments) only
+            return {"family": "none", "special_ids": [], "mask_id": None}
         return model_info(*self.loaded())
+
+    def describe(self, cid: str) -> dict[str, Any]:
+        """A capture already made (by the page, or added with `add`, e.g. an alignment)."""
+        cap = self.get(cid)
+        tokenizer = None if self.source is None else self.loaded()[1]
+        return describe(cid, cap, tokenizer)
 
     def vocab(self) -> list[str]:
         model, tokenizer = self.loaded()

@@ -156,7 +156,7 @@
   // query / key tokens (and ids) of an attention layer
   function axes(layer) {
     const c = S.cap, encdec = c.family === "encoder-decoder";
-    const inDecoder = encdec && layer.stack === "decoder";
+    const inDecoder = (encdec && layer.stack === "decoder") || c.family === "alignment";
     const q = inDecoder ? [c.target_tokens, c.target_ids] : [c.tokens, c.ids];
     const k = layer.cross || !inDecoder ? [c.tokens, c.ids] : [c.target_tokens, c.target_ids];
     return { qTok: q[0], qIds: q[1], kTok: k[0], kIds: k[1] };
@@ -167,10 +167,9 @@
     const c = S.cap, special = new Set(S.model.special_ids);
     const chips = (tokens, ids, box, side) => {
       box.replaceChildren(...tokens.map((t, i) => {
-        const chip = el("span", { class: "tok", "data-index": i, "data-side": side,
-          title: "id " + ids[i] });
+        const chip = el("span", { class: "tok", "data-index": i, "data-side": side });
         chip.append(show(t));
-        chip.appendChild(el("sub", {}, String(ids[i])));
+        if (ids[i] !== undefined) chip.appendChild(el("sub", {}, String(ids[i])));
         if (special.has(ids[i])) chip.classList.add("special");
         if (S.pinned && S.pinned.side === side && S.pinned.index === i) chip.classList.add("pinned");
         chip.addEventListener("click", () => pin(side, i));
@@ -194,7 +193,7 @@
   function pinnedCell(layer) {
     if (!S.pinned) return { row: null, col: null };
     const c = S.cap, encdec = c.family === "encoder-decoder";
-    const qSide = encdec && layer.stack === "decoder" ? "target" : "source";
+    const qSide = (encdec && layer.stack === "decoder") || layer.cross ? "target" : "source";
     const kSide = encdec && layer.stack === "decoder" && !layer.cross ? "target" : "source";
     return { row: S.pinned.side === qSide ? S.pinned.index : null,
       col: S.pinned.side === kSide ? S.pinned.index : null };
@@ -349,7 +348,7 @@
     const c = headCell(ev);
     if (!c) return;
     const layer = S.cap.layers[S.head.li];
-    const side = S.cap.family === "encoder-decoder" && layer.stack === "decoder" ? "target" : "source";
+    const side = (S.cap.family === "encoder-decoder" && layer.stack === "decoder") || layer.cross ? "target" : "source";
     pin(side, c.i);
   }
 
@@ -565,10 +564,14 @@
     renderEmbeddings();
     fillHeadControls();
     const decoder = cap.family === "decoder";
+    if (cap.family === "alignment") { // a bare matrix: only the attention views apply
+      for (const v of ["view-embeddings", "view-ffn", "view-residual", "view-lens"]) $(v).hidden = true;
+    }
     $("view-output").hidden = !cap.logit_positions;
     $("draw").hidden = !decoder || !!INLINE;
     $("view-steps").hidden = !decoder || !!INLINE;
     fillSelect($("steps-layer"), cap.layers.map((l) => [l.name, l.name]), cap.layers[0].name);
+    $("run-form").hidden = cap.family === "alignment" || !!INLINE;
     renderEncoder();
     renderFfn();
     renderResidual();
@@ -644,6 +647,12 @@
     $("target").hidden = m.family !== "encoder-decoder";
     if (m.family === "encoder" && m.mask_id !== null) {
       $("text").value = "The animal didn't cross the [MASK] because it was too tired";
+    }
+    const ready = new URLSearchParams(location.search).get("capture");
+    if (ready) { // a capture made elsewhere, e.g. a recurrent model's alignment
+      $("model-info").textContent = "capture " + ready;
+      await render(await api(encodeURIComponent(ready)));
+      return;
     }
     S.vocab = await api("vocab");
     await run();
