@@ -9,6 +9,7 @@
     train                                      the loop; it knows no task
     tasks, embeddings                          objectives and jobs built on the loop
     pipelines                                  one call per task
+    explain                                    capture, maps, the web explainer
     commands, cli                              the command line
     qkv (the package root)                     re-exports; nothing imports it
 
@@ -35,6 +36,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("qkv.train",),
     ("qkv.tasks", "qkv.embeddings"),
     ("qkv.pipelines",),
+    ("qkv.explain",),
     ("qkv.commands", "qkv.cli", "qkv.serve", "qkv.__main__"),
 ]
 

@@ -366,3 +366,11 @@ def test_int8_model_serves():
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         r = c.completions.create(model="tiny", prompt="ab", max_tokens=4, temperature=0)
         assert r.usage.completion_tokens == 4 and len(r.choices[0].text) == 4
+
+
+def test_the_explainer_is_served_beside_the_api(server):
+    url, app = server
+    page = httpx.get(url + "/explain")
+    assert page.status_code == 200 and "explain.js" in page.text
+    info = httpx.get(url + "/explain/api/model").json()
+    assert info["family"] == "decoder"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,30 +53,56 @@ def attention(
     kernels); the explicit path computes the same numbers step by step and also returns the
     attention weights, for learning and for visualisation.
     """
-    Tq, Tk = q.shape[-2], k.shape[-2]
-    if k.shape[1] != q.shape[1]:  # GQA: each key/value head serves a group of query heads
-        group = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(group, dim=1)  # (B, H, Tk, D)
-        v = v.repeat_interleave(group, dim=1)
-    if causal and (mask is not None or Tq != Tk or return_weights):
-        if Tq > 1:  # one new query sees everything in the cache: no mask needed
-            allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-            mask = allowed if mask is None else mask & allowed
-        causal = False
-
+    k, v, mask, causal = _expand(q, k, v, mask, causal, explicit=return_weights)
     if not return_weights:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale
         )
         return out, None
 
-    factor = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)).float() * factor  # (B, H, Tq, Tk)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(dim=-1).to(q.dtype)  # each row sums to 1
+    weights = _explicit(q, k, mask, scale)["weights"]
     dropped = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
     return dropped @ v, weights  # (B, H, Tq, D)
+
+
+def attention_stages(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None = None, causal: bool = False,
+                     scale: float | None = None) -> dict[str, torch.Tensor]:
+    """Every intermediate of the explicit path, for explainers (qkv.explain), each (B, H, Tq, *):
+
+    scores (q k^T), scaled (times scale), masked (-inf where a key is hidden), weights (the
+    softmax; each row sums to 1) and output (weights v, (B, H, Tq, D)). Arguments as `attention`.
+    """
+    k, v, mask, _ = _expand(q, k, v, mask, causal, explicit=True)
+    stages = _explicit(q, k, mask, scale)
+    stages["output"] = stages["weights"] @ v  # (B, H, Tq, D)
+    return stages
+
+
+def _expand(q, k, v, mask, causal, explicit: bool):
+    """GQA's shared key/value heads repeated per query head; the causal rule made a mask
+    where the fused kernel's is_causal cannot express it (or the explicit path needs it)."""
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if k.shape[1] != q.shape[1]:  # GQA: each key/value head serves a group of query heads
+        group = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(group, dim=1)  # (B, H, Tk, D)
+        v = v.repeat_interleave(group, dim=1)
+    if causal and (mask is not None or Tq != Tk or explicit):
+        if Tq > 1:  # one new query sees everything in the cache: no mask needed
+            allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+            mask = allowed if mask is None else mask & allowed
+        causal = False
+    return k, v, mask, causal
+
+
+def _explicit(q, k, mask, scale) -> dict[str, torch.Tensor]:
+    """softmax(q k^T * scale), step by step; every step is kept (see attention_stages)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)).float()  # (B, H, Tq, Tk)
+    scaled = scores * scale
+    masked = scaled if mask is None else scaled.masked_fill(~mask, float("-inf"))
+    weights = masked.softmax(dim=-1).to(q.dtype)  # each row sums to 1
+    return {"scores": scores, "scaled": scaled, "masked": masked, "weights": weights}
 
 
 class KVCache:
@@ -137,6 +164,7 @@ class _Heads(nn.Module):
         self.dropout = dropout
         self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.recorded: list[torch.Tensor] | None = None  # set by `record_attention`
+        self.recorded_inputs: list[AttentionInputs] | None = None  # and with inputs=True
 
     def split(self, x: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -152,6 +180,9 @@ class _Heads(nn.Module):
                                  return_weights=recorded is not None)
         if recorded is not None and weights is not None:
             recorded.append(weights.detach())
+            if self.recorded_inputs is not None:  # record_attention(inputs=True): Q, K, V too
+                self.recorded_inputs.append(AttentionInputs(q.detach(), k.detach(), v.detach(),
+                                                            mask, causal))
         return out
 
     def merge(self, out: torch.Tensor) -> torch.Tensor:
@@ -236,22 +267,39 @@ class CrossAttention(_Heads):
         return self.attend(q, k, v, memory_mask, causal=False)
 
 
+class AttentionInputs(NamedTuple):
+    """What one call of an attention layer received (recorded with inputs=True): enough to
+    recompute every stage with `attention_stages(*inputs)`. q (B, H, Tq, D); k, v
+    (B, Hkv, Tk, D), after RoPE and with the cached past; mask as `attention` takes it."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
+    causal: bool
+
+
 @contextlib.contextmanager
-def record_attention(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
+def record_attention(model: nn.Module, inputs: bool = False) -> Iterator[dict[str, list]]:
     """Inside this block, every attention layer of `model` keeps its weights.
 
         with record_attention(model) as maps:
             model(tokens)
         maps["decoder.layers.0.self_attn"][0]   # (B, n_heads, T, T)
 
-    Only the layers switch to the explicit path while recording; nothing else changes.
+    Only the layers switch to the explicit path while recording; nothing else changes. With
+    inputs=True each layer also keeps its queries, keys, values and mask, one `AttentionInputs`
+    per call, under maps[name + ":inputs"] (qkv.explain recomputes every stage from them).
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, _Heads)}
-    maps: dict[str, list[torch.Tensor]] = {}
+    maps: dict[str, list] = {}
     for name, m in layers.items():
         m.recorded = maps.setdefault(name, [])
+        if inputs:
+            m.recorded_inputs = maps.setdefault(name + ":inputs", [])
     try:
         yield maps
     finally:
         for m in layers.values():
             m.recorded = None
+            m.recorded_inputs = None

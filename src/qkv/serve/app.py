@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import ChatTemplate
 from ..errors import QkvError
+from ..explain.app import explain_router
 from .engine import Engine, QueueFull, Sampling, Sequence
 from .schemas import (
     MAX_STOPS,
@@ -186,6 +187,9 @@ def create_app(source: Served | Callable[[], Served], *, api_key: str | None = N
     app.state.qkv = state
     app.state.max_tokens = max_tokens
     _add_error_handlers(app)
+    # The explainer (qkv explain's page) for the served model, at /explain: 503 while loading.
+    app.include_router(explain_router(
+        lambda: (state.served.model, state.served.tokenizer) if state.served else None))
 
     # ------------------------------------------------------------------ routes
 

@@ -1,0 +1,86 @@
+"""Tiny models of every family and a live explainer server, for the explain tests."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import torch
+
+import qkv
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?:;'\n0123456789"
+CORPUS = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog ran",
+          "the animal did not cross the street because it was tired"] * 4
+
+
+def char_tokenizer() -> qkv.Tokenizer:
+    return qkv.Tokenizer.train([ALPHABET], kind="char")
+
+
+def decoder(position: str = "learned", seed: int = 0, **overrides):
+    """A random 2-layer decoder over characters, with spread-out logits."""
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    base = dict(family="decoder", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4,
+                max_seq_len=128, position=position, tie_embeddings=False)
+    model = qkv.Transformer(qkv.ModelConfig(**{**base, **overrides})).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+    return model, tok
+
+
+def encoder(labels: tuple[str, ...] = ("negative", "positive")):
+    """A random BERT-like encoder (post-norm, wordpiece, [MASK]) with a classifier head."""
+    tok = qkv.Tokenizer.train(CORPUS, kind="wordpiece", vocab_size=90)
+    torch.manual_seed(1)
+    cfg = qkv.ModelConfig(family="encoder", vocab_size=tok.vocab_size, d_model=32, n_layers=2,
+                          n_heads=4, max_seq_len=64, norm_placement="post", final_norm=False,
+                          embedding_norm=True, type_vocab_size=2, mask_token_id=tok.mask_id,
+                          labels=list(labels), pooling="cls",
+                          pooler=True, mlm_transform=True)
+    return qkv.Transformer(cfg).eval(), tok
+
+
+def seq2seq():
+    tok = char_tokenizer()
+    torch.manual_seed(2)
+    cfg = qkv.ModelConfig(family="encoder-decoder", vocab_size=tok.vocab_size, d_model=32,
+                          n_layers=2, n_heads=4, max_seq_len=64, position="sinusoidal",
+                          bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                          decoder_start_token_id=tok.bos_id, lm_head_bias=True)
+    model = qkv.Transformer(cfg).eval()
+    with torch.no_grad():  # keep its own translations away from the end token for a while
+        model.lm_head.bias[tok.eos_id] = -30.0
+    return model, tok
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live(app) -> Iterator[str]:
+    """Serve `app` with uvicorn in a thread on a free loopback port; yield its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                           timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the explainer test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
