@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from .position import apply_rotary
 
 
@@ -246,6 +247,9 @@ def record_attention(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]
 
     Only the layers switch to the explicit path while recording; nothing else changes.
     """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"record_attention needs a model (torch.nn.Module), got "
+                         f"{type(model).__name__}")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, _Heads)}
     maps: dict[str, list[torch.Tensor]] = {}
     for name, m in layers.items():
