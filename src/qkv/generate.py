@@ -59,7 +59,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None,
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the better tokens
-        drop_sorted = mass_before >= top_p  # never drops the best token (mass_before = 0)
+        drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False  # never the best token (even when top_p rounds to 0)
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -77,7 +78,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         raise InputError("the model produced NaN/inf logits: its weights or config are broken")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float()
+    # fp64 for a temperature that fp32 would round to 0
+    logits = logits.double() if temperature < 1e-30 else logits.float()
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, V), max 0
     logits = filter_logits(logits, top_k, top_p)
     probs = logits.softmax(dim=-1)  # (B, V)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -64,6 +65,12 @@ def storage_errors(path: str | Path, action: str = "writing") -> Iterator[None]:
         raise
     except OSError as e:
         raise StorageError(os_error_sentence(e, path, action)) from None
+    except Exception as e:  # safetensors reports the OS's refusal as "... (os error 28)"
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise StorageError(os_error_sentence(OSError(int(code[1]), str(e)), path, action)) \
+            from None
 
 
 # ---------------------------------------------------------------------- readers

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import CONFIG, WEIGHTS, read_safetensors, save_weights
 from ..errors import CheckpointError
-from ..io import parse_json
+from ..io import parse_json, storage_errors
 
 TRAINING, STATE, OPTIMIZER = "training", "state.json", "optimizer.safetensors"
 
@@ -65,8 +65,21 @@ def _fsync_dir(path: Path) -> None:
 def save_training_checkpoint(out: Path, model: torch.nn.Module,
                              optimizer_state: tuple[dict[str, torch.Tensor], dict[str, str]],
                              state: dict[str, Any]) -> Path:
-    """Write out/training/ atomically (see the module docstring); returns its path."""
+    """Write out/training/ atomically (see the module docstring); returns its path. If the disk
+    fills up (StorageError) the previous checkpoint is left as it was."""
     out = Path(out)
+    tmp = out / f"{TRAINING}.tmp"
+    try:
+        with storage_errors(out / TRAINING):
+            return _save_training_checkpoint(out, model, optimizer_state, state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder is never read
+        raise
+
+
+def _save_training_checkpoint(out: Path, model: torch.nn.Module,
+                              optimizer_state: tuple[dict[str, torch.Tensor], dict[str, str]],
+                              state: dict[str, Any]) -> Path:
     final, tmp, old = out / TRAINING, out / f"{TRAINING}.tmp", out / f"{TRAINING}.old"
     if tmp.exists():  # left over by a run killed while writing
         shutil.rmtree(tmp)
