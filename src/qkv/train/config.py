@@ -146,9 +146,11 @@ class TrainConfig:
         for name in ("lr", "min_lr", "val_fraction", "dropout", "weight_decay", "beta1", "beta2",
                      "grad_clip", "time_limit"):
             value = getattr(self, name)
-            if value is not None:
+            if value is not None or name not in ("min_lr", "dropout", "time_limit"):
                 check_number(name, value)
         check_seed(self.seed)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
+            raise ConfigError(f"warmup_steps={self.warmup_steps!r} must be a whole number")
 
     def _check_numbers(self) -> None:
         positive = ["batch_size", "grad_accum", "eval_every", "eval_windows", "log_every"]
