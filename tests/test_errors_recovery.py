@@ -31,7 +31,7 @@ from qkv.data.tokens import tokenize_corpus
 from qkv.errors import StorageError
 from qkv.generate import sample_next
 from qkv.hf import save_hf
-from qkv.io import atomic_write_text, check_new_output, read_json_object
+from qkv.io import atomic_write_text, check_new_output, os_error_sentence, read_json_object
 from qkv.tasks.classify import ClassifySettings
 from qkv.tasks.search import SearchIndex
 from qkv.train import TrainConfig, read_log
@@ -196,6 +196,15 @@ def test_a_real_full_disk_keeps_the_saved_model(tmp_path):
         assert model.config.d_model == 8
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("code, words", [
+    (errno.ENOSPC, "no space left while writing f; nothing was replaced"),
+    (errno.EFBIG, "no space left"), (errno.EACCES, "permission denied"),
+    (errno.EROFS, "read-only"), (errno.ENOTDIR, "is a file, not a folder"),
+    (errno.EEXIST, "already exists"), (errno.EIO, "while writing f")])
+def test_os_error_sentences(code, words):
+    assert words in os_error_sentence(OSError(code, os.strerror(code)), "f")
 
 
 def test_cli_turns_os_errors_into_one_line(model_dir, tmp_path, capsys):

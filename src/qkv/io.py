@@ -37,7 +37,9 @@ def os_error_sentence(error: OSError, path: str | Path | None = None,
     where = str(path if path is not None else (error.filename or "a file"))
     code = error.errno
     if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return f"no space left while {action} {where}; nothing was replaced"
+        # an atomic write leaves the old file: say so (elsewhere it is not known)
+        kept = "; nothing was replaced" if action == "writing" else ""
+        return f"no space left while {action} {where}{kept}"
     if code in (errno.EACCES, errno.EPERM):
         return f"permission denied while {action} {where}"
     if code == errno.EROFS:
