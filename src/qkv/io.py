@@ -49,6 +49,8 @@ def os_error_sentence(error: OSError, path: str | Path | None = None,
     if code == errno.EISDIR:
         return f"{where} is a folder, not a file"
     if code == errno.EEXIST:
+        if Path(where).exists() and not Path(where).is_dir():
+            return f"{where} is a file, where a folder is needed"
         return f"{where} already exists"
     if code == errno.ENOENT:
         return f"{where} does not exist"

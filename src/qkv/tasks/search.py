@@ -146,6 +146,18 @@ def _paragraph_passages(text: str, source: str, limit: int) -> list[dict[str, An
 # ---------------------------------------------------------------------------- the index
 
 
+def check_index_target(path: str | Path) -> Path:
+    """InputError unless an index may be written to `path`: a folder (or nothing) that does not
+    hold a model."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path} exists and is not a directory")
+    if (path / CONFIG).is_file():
+        raise InputError(f"{path} holds a model (it has {CONFIG}); write the index to "
+                         "another directory")
+    return path
+
+
 @dataclass
 class SearchIndex:
     """Passage vectors (count, dims) with their passages and a description of the model."""
@@ -163,12 +175,7 @@ class SearchIndex:
 
         if dtype not in ("fp32", "fp16"):
             raise InputError(f"index dtype {dtype!r} is not one of fp32, fp16")
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise InputError(f"{path} exists and is not a directory")
-        if (path / CONFIG).is_file():
-            raise InputError(f"{path} holds a model (it has {CONFIG}); write the index to "
-                             "another directory")
+        path = check_index_target(path)
         with storage_errors(path):
             path.mkdir(parents=True, exist_ok=True)
         matrix = self.embeddings.to(torch.float16 if dtype == "fp16" else torch.float32)
