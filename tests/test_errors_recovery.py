@@ -467,6 +467,8 @@ def test_generate_without_a_tokenizer_says_so(model_dir):
     lambda m: qkv.load(m, dtype=torch.int8),
     lambda m: qkv.quantize_int8("not a model"),  # type: ignore[arg-type]
     lambda m: qkv.load(m, device="toaster"),
+    lambda m: qkv.record_attention("not a model").__enter__(),  # type: ignore[arg-type]
+    lambda m: qkv.generate(qkv.load(m)[0], qkv.load(m)[1], "hi", seed=2**70),  # type: ignore
 ])
 def test_api_mistakes_are_qkv_errors(model_dir, call):
     with pytest.raises(qkv.QkvError):
