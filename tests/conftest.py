@@ -6,9 +6,22 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import qkv
 from qkv.train import read_log
+
+# Hypothesis (tests/test_fuzz_*.py): "ci", the default, is bounded so that the whole fuzz suite
+# runs in well under two minutes on two cores; "long" is for benchmarks/fuzz_long.py (or
+# QKV_FUZZ_PROFILE=long python -m pytest tests/test_fuzz_*.py), hundreds of times more inputs.
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow,
+                                                 HealthCheck.function_scoped_fixture])
+settings.register_profile("long", max_examples=int(os.environ.get("QKV_FUZZ_EXAMPLES", 2000)),
+                          deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow,
+                                                 HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("QKV_FUZZ_PROFILE", "ci"))
 
 # The test models are tiny: one thread is as fast as two, and two processes each spinning two
 # threads on a 2-core machine slow each other down by an order of magnitude.

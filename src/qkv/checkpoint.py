@@ -18,6 +18,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, InputError
+from .hardware import resolve_device
 from .hf import load_hf, save_hf
 from .hub import resolve
 from .io import (
@@ -57,6 +58,11 @@ def load_weights(model: Transformer, path: Path) -> None:
     if unexpected:
         raise CheckpointError(f"{path} has {len(unexpected)} tensor(s) the config does not "
                               f"describe, e.g. {unexpected[0]}")
+    for k, partner in tied.items():
+        if k in tensors and partner in tensors and not torch.equal(tensors[k], tensors[partner]):
+            raise CheckpointError(f"{path} holds two different matrices {k} and {partner}, but "
+                                  "the config says tie_embeddings: true (one matrix for both); "
+                                  "set tie_embeddings to false in config.json")
     for k, t in tensors.items():
         if t.shape != expected[k].shape:
             raise CheckpointError(f"{path}: tensor {k} has shape {list(t.shape)} but the config "
@@ -90,6 +96,10 @@ def is_model_dir(path: str | Path) -> bool:
 def load(path: str | Path, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
     """Load a qkv model directory, or a Hugging Face one, as (model, tokenizer or None)."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise InputError(f"dtype={dtype!r} must be a floating-point torch dtype such as "
+                         "torch.float32 or torch.bfloat16 (for int8, use qkv.quantize_int8)")
+    device = resolve_device(device) if isinstance(device, str) else device
     path = Path(path)
     if not path.exists():
         path = resolve(str(path))

@@ -2,14 +2,18 @@
 
 A subcommand module defines `ORDER` (its place in `qkv --help`) and `register(subparsers)`, which
 adds its parser and sets `func(args) -> int`. Shared argument types live in `commands/_args.py`.
-User mistakes (a bad flag, or any QkvError) print one line and exit with status 2; Ctrl-C exits
-with 130.
+User mistakes (a bad flag, or any QkvError) print one line and exit with status 2; so do the
+filesystem's refusals (no space, no permission, a file where a folder should be), turned into a
+sentence here, in one place. Ctrl-C exits with 130; a closed stdout (`qkv generate ... | head`)
+ends the command quietly, as Unix tools do.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -17,6 +21,7 @@ from . import commands
 from ._version import __version__
 from .commands._args import one_line_errors
 from .errors import QkvError
+from .io import os_error_sentence
 
 EPILOG = """examples:
   qkv train                                   train a small GPT on Shakespeare, then sample
@@ -50,13 +55,38 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        return code
     except QkvError as e:
         print(f"qkv {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nqkv {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _closed_stdout()
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            return _closed_stdout()
+        print(f"qkv {args.command}: error: {os_error_sentence(e, action='using')}",
+              file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"qkv {args.command}: error: out of memory; try a smaller model, batch or "
+              "context", file=sys.stderr)
+        return 2
+
+
+def _closed_stdout() -> int:
+    """The reader of our stdout went away (`| head`): stop quietly, as Unix tools do, and keep
+    Python from complaining about the unflushed buffer at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE: what a shell reports for a Unix tool killed by a closed pipe
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -177,10 +179,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name}={value} must be in [0, 1)")
-        if self.norm_eps <= 0:
-            raise ConfigError(f"norm_eps={self.norm_eps} must be positive")
-        if self.rope_theta <= 0:
-            raise ConfigError(f"rope_theta={self.rope_theta} must be positive")
+        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
+            raise ConfigError(f"norm_eps={self.norm_eps} must be a positive, finite number")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ConfigError(f"rope_theta={self.rope_theta} must be a positive, finite number")
         if self.position_offset < 0 or self.type_vocab_size < 0:
             raise ConfigError("position_offset and type_vocab_size cannot be negative")
         if self.embed_max_len is not None and not 1 <= self.embed_max_len <= self.max_seq_len:
@@ -195,6 +197,41 @@ class ModelConfig:
                 raise ConfigError(
                     f"{name}={value} is outside the vocabulary (size {self.vocab_size})"
                 )
+
+    # ------------------------------------------------------------------ size
+    def parameter_count(self) -> int:
+        """About the number of parameters a Transformer of this config has (within a few
+        percent), worked out from the sizes alone, with nothing allocated: embeddings,
+        attention, feed-forward and norms, the output layer unless tied, and the heads."""
+        d, v = self.d_model, self.vocab_size
+        norm = d * (2 if self.norm == "layernorm" else 1)
+        bias = self.bias
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attention = d * (q + 2 * kv) + q * d + (q + 2 * kv + d if bias else 0)
+        gated = self.activation in ("swiglu", "geglu")
+        ffn = d * self.d_ff * (3 if gated else 2) + (self.d_ff * (2 if gated else 1) + d
+                                                     if bias else 0)
+        encoder_layer = attention + ffn + 2 * norm
+        decoder_layer = encoder_layer + (attention + norm if self.n_encoder_layers else 0)
+        total = v * d + (self.max_seq_len + self.position_offset) * d * (
+            self.position == "learned") + self.type_vocab_size * d
+        total += norm * (self.embedding_norm + self.final_norm * ((self.n_encoder_layers > 0)
+                                                                  + (self.n_decoder_layers > 0)))
+        total += self.n_encoder_layers * encoder_layer + self.n_decoder_layers * decoder_layer
+        total += (0 if self.tie_embeddings else v * d) + (v if self.lm_head_bias else 0)
+        total += (d * d + d + norm) * self.mlm_transform + (d * d + d) * self.pooler
+        return total + (d + 1) * self.num_labels
+
+    def check_fits_memory(self, bytes_per_parameter: int = 4) -> None:
+        """ConfigError if the weights alone (fp32 by default) would not fit in this machine's
+        memory: refused with a sentence before anything is allocated."""
+        need = self.parameter_count() * bytes_per_parameter
+        have = physical_memory()
+        if have is not None and need > have:
+            raise ConfigError(f"this config has {self.parameter_count():,} parameters, "
+                              f"{_gib(need)} of weights, more than this machine's "
+                              f"{_gib(have)} of memory; choose smaller sizes (d_model, "
+                              "n_layers, vocab_size, d_ff)")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -232,6 +269,8 @@ class ModelConfig:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"config is not valid JSON ({e.msg} at line {e.lineno})") from None
+        except RecursionError:
+            raise ConfigError("config is nested too deeply to be a model config") from None
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> ModelConfig:
@@ -242,6 +281,45 @@ class ModelConfig:
         """
         follow = {name: None for name in self._defaulted if name not in changes}
         return dataclasses.replace(self, **follow, **changes)
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM of this machine (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_number(name: str, value: Any, low: float | None = None, high: float | None = None,
+                 *, low_open: bool = False, high_open: bool = False,
+                 error: type[Exception] = ConfigError) -> float:
+    """`value` if it is a finite real number within [low, high] (open ends where asked);
+    otherwise `error` (a QkvError) naming `name`. The one range check of settings and flags."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{name}={value!r} must be a number")
+    if not math.isfinite(value):
+        raise error(f"{name}={value} must be a finite number")
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        raise error(f"{name}={value} must be {' and '.join(x for x in (lo, hi) if x)}")
+    return value
+
+
+def check_seed(value: Any, name: str = "seed", error: type[Exception] = ConfigError) -> int:
+    """`value` if it is a whole number torch's random generators take (0 to 2**64 - 1)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise error(f"{name}={value!r} must be a whole number")
+    if not 0 <= value < 2**64:
+        raise error(f"{name}={value} must be between 0 and 2**64 - 1")
+    return value
 
 
 def _defaults(cfg: ModelConfig) -> dict[str, Any]:

@@ -36,3 +36,8 @@ class TokenizerError(QkvError):
 
 class UnsupportedModelError(CheckpointError):
     """A checkpoint uses an architecture or feature qkv does not implement."""
+
+
+class StorageError(QkvError, OSError):
+    """The filesystem refused: no space left, no permission, a read-only disk, a file where a
+    folder should be. (Also an OSError, so code that catches OSError still sees it.)"""

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .batching import eval_mode, model_device, pad_id, pad_rows
+from .config import check_number, check_seed
 from .errors import InputError
 from .model import Transformer
 from .seq2seq import generate_seq2seq
@@ -58,7 +59,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None,
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the better tokens
-        drop_sorted = mass_before >= top_p  # never drops the best token (mass_before = 0)
+        drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False  # never the best token (even when top_p rounds to 0)
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -67,12 +69,53 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None,
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token id per row from logits (B, V): greedy when temperature == 0. Returns (B,)."""
+    """One token id per row from logits (B, V): greedy when temperature == 0. Returns (B,).
+
+    Logits that are NaN or infinite (a broken model) raise InputError instead of sampling
+    from nonsense; any temperature > 0, however small, is safe (the best logit is
+    subtracted before dividing, so nothing overflows)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise InputError("the model produced NaN/inf logits: its weights or config are broken")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    # fp64 for a temperature that fp32 would round to 0
+    logits = logits.double() if temperature < 1e-30 else logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, V), max 0
+    logits = filter_logits(logits, top_k, top_p)
     probs = logits.softmax(dim=-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def non_finite_error(model: Transformer, *inputs: torch.Tensor | None) -> InputError:
+    """The error for NaN/inf logits, naming where they first appear when that is cheap to find:
+    the first parameter holding NaN/inf, or else the first layer whose output does, found by
+    running the prompt `inputs` (ids, mask, positions) once more with hooks. Only on this error
+    path."""
+    where = next((f"the weights ({name})" for name, p in model.named_parameters()
+                  if p.is_floating_point() and not bool(torch.isfinite(p).all())), None)
+    if where is None:
+        first: list[str] = []
+
+        def hook(name: str):
+            def check(module: torch.nn.Module, args: object, output: object) -> None:
+                if not first and isinstance(output, torch.Tensor) and \
+                        output.is_floating_point() and not bool(torch.isfinite(output).all()):
+                    first.append(name)
+            return check
+        handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+        try:
+            ids, mask, positions = (list(inputs) + [None, None, None])[:3]
+            if ids is not None:
+                model.next_token_logits(ids, model.new_cache(), mask, positions)
+        except Exception:  # the hint is a courtesy: never hide the real error behind another
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        where = f"the output of {first[0]}" if first else None
+    return InputError("the model produced NaN/inf logits" +
+                      (f"; they first appear in {where}" if where else "") +
+                      ": its weights or config (norm_eps, dtype) are broken")
 
 
 # ---------------------------------------------------------------------- token-level decoding
@@ -109,6 +152,8 @@ def decode_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
         logits = model.next_token_logits(ids, cache, mask, positions)  # (B, V)
         length = ids.shape[1]  # positions held in the cache
         while True:
+            if not bool(torch.isfinite(logits).all()):
+                raise non_finite_error(model, ids, mask, positions)
             token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             for row, t in zip(rows, token.tolist(), strict=True):
                 row.append(t)
@@ -176,7 +221,21 @@ class TextRow:
 
 
 def _check(model: Transformer, temperature: float, top_k: int | None, top_p: float | None,
-           max_new_tokens: int, on_full: str) -> None:
+           max_new_tokens: int, on_full: str, tokenizer: object = None,
+           seed: int | None = None) -> None:
+    if not isinstance(model, Transformer):
+        raise InputError(f"model must be a qkv Transformer, got {type(model).__name__}")
+    if tokenizer is None or not callable(getattr(tokenizer, "encode", None)):
+        raise InputError("generate needs the model's tokenizer, got "
+                         f"{type(tokenizer).__name__}" + (
+                             " (qkv.load returns None when the model directory has no "
+                             "tokenizer.json; add one, or load a qkv.Tokenizer yourself)"
+                             if tokenizer is None else ""))
+    if seed is not None:
+        check_seed(seed, error=InputError)
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if value is not None:
+            check_number(name, value, error=InputError)  # finite
     if model.config.family != "decoder":
         raise InputError("generate needs a decoder (GPT-style) model; for an encoder-decoder "
                          "use generate_seq2seq")
@@ -216,7 +275,7 @@ def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequ
                     seed: int | None = None, truncate_left: bool = False,
                     on_full: str = "slide") -> Iterator[tuple[int, str]]:
     """Like `generate`, as a generator of (prompt index, new text) as soon as it is known."""
-    _check(model, temperature, top_k, top_p, max_new_tokens, on_full)
+    _check(model, temperature, top_k, top_p, max_new_tokens, on_full, tokenizer, seed)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         return

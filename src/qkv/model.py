@@ -194,6 +194,7 @@ class Transformer(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        config.check_fits_memory()  # refused with its size before anything is allocated
         self.config = cfg = config
         self.token_embedding = TokenEmbedding(cfg.vocab_size, cfg.d_model, cfg.scale_embeddings)
         # The family is which stacks there are; the decoder of an encoder-decoder cross-attends.

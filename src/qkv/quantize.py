@@ -145,6 +145,9 @@ def quantize_int8(model: nn.Module, activations: str = "int8") -> nn.Module:
     norms, biases and the attention arithmetic stay in floating point. The result is for
     inference: `qkv.save` refuses it (save the float model instead).
     """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"quantize_int8 needs a model (torch.nn.Module), got "
+                         f"{type(model).__name__}")
     _check_activations(activations)  # before the model is touched
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise InputError("the model has no linear layers to quantize (already quantized?)")

@@ -3,7 +3,10 @@
 - a bad value prints one line ("qkv train: error: ...") and exits with status 2, like every
   other user mistake (cli.py installs `one_line_errors` on every parser);
 - --time-limit reads the same everywhere: "90" or "90s", "5m", "1.5h", "1h30m";
-- --device and --top-k are checked the same way wherever they appear.
+- --device and --top-k are checked the same way wherever they appear;
+- every number is finite and in its range before anything is allocated: non_negative_float
+  (--weight-decay, --grad-clip), fraction (--top-p, --val-fraction, --dropout), seed (0 to
+  2**64 - 1).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import re
 import sys
 from typing import NoReturn
 
+from ..config import check_seed
 from ..errors import ConfigError
 from ..hardware import check_device_name
 
@@ -52,6 +56,43 @@ def positive_float(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
     return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be negative")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
+    return value
+
+
+def seed(text: str) -> int:
+    """A random seed: a whole number from 0 to 2**64 - 1 (what torch's generators take)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    try:
+        return check_seed(value)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def device(text: str) -> str:

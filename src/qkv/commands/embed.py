@@ -10,7 +10,14 @@ from pathlib import Path
 from ..errors import CheckpointError
 from ..hub import packaged_minilm_path
 from ..tasks.common import load_model
-from ..tasks.search import DEFAULT_MODEL, SearchIndex, build_index, query_index, read_corpus
+from ..tasks.search import (
+    DEFAULT_MODEL,
+    SearchIndex,
+    build_index,
+    check_index_target,
+    query_index,
+    read_corpus,
+)
 from ._args import positive_int
 
 ORDER = 46
@@ -75,6 +82,7 @@ def _load_encoder(name: str | None):
 
 
 def run_embed(args: argparse.Namespace) -> int:
+    check_index_target(args.out)  # before the embedding, not after it
     passages = read_corpus(args.corpus, args.passage_words)
     name, model, tokenizer = _load_encoder(args.model)
     t0 = time.perf_counter()

@@ -10,7 +10,15 @@ import sys
 from ..hardware import resolve_device
 from ..tasks.classify import ClassifySettings, finetune_classify_files
 from ..train import distributed
-from ._args import device, parse_duration, positive_float, positive_int
+from ._args import (
+    device,
+    fraction,
+    non_negative_float,
+    parse_duration,
+    positive_float,
+    positive_int,
+    seed,
+)
 
 ORDER = 40
 
@@ -59,8 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="texts per step (default 32)")
     c.add_argument("--lr", type=positive_float, default=5e-5,
                    help="peak learning rate (default 5e-5)")
-    c.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    c.add_argument("--warmup", type=float, default=0.06,
+    c.add_argument("--weight-decay", type=non_negative_float, default=0.01,
+                   help="AdamW weight decay")
+    c.add_argument("--warmup", type=fraction, default=0.06,
                    help="fraction of steps for the linear warm-up (default 0.06)")
     c.add_argument("--max-length", type=positive_int, default=128,
                    help="tokens per text; longer texts are cut (default 128)")
@@ -76,9 +85,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--device", type=device, default="cpu", metavar="DEVICE",
                    help="auto, cpu (default), cuda, cuda:N or mps")
     c.add_argument("--compile", action="store_true", help="use torch.compile")
-    c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    c.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     c.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out exactly (repeat its other flags)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace the model already in --out (without it, that is refused)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.add_argument("--nproc", type=positive_int, default=1, metavar="N",
                    help="train with N processes on this machine (runs torchrun, DDP; "
@@ -88,7 +99,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _no_task(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
+    tasks = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    names = ", ".join(tasks.choices) if tasks is not None else "a task"
+    print(f"{parser.prog}: error: name a task ({names}); see `{parser.prog} --help`",
+          file=sys.stderr)
     return 2
 
 
@@ -112,7 +126,7 @@ def _run_classify(args: argparse.Namespace) -> int:
     result = finetune_classify_files(args.model, args.train, args.dev, args.out,
                                      args.text_column, args.label_column, settings,
                                      str(distributed.start(resolve_device(args.device))),
-                                     resume=args.resume)
+                                     resume=args.resume, overwrite=args.overwrite)
     if not distributed.is_main():  # rank 0 reports for all
         return 0 if result.stopped_by not in ("SIGINT", "SIGTERM") else 143
     if result.stopped_by in ("SIGINT", "SIGTERM"):

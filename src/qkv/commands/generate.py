@@ -12,7 +12,7 @@ from ..errors import InputError
 from ..generate import generate
 from ..hardware import resolve_device, set_threads
 from ..quantize import quantize_int8
-from ._args import device, positive_int
+from ._args import device, fraction, non_negative_float, positive_int, seed
 
 ORDER = 20
 
@@ -36,15 +36,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="text to continue (repeat for a batch; default: a new line)")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.8, metavar="T",
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, metavar="T",
                    help="0 = greedy; < 1 safer, > 1 wilder (default 0.8)")
     p.add_argument("--top-k", type=positive_int, metavar="K",
                    help="sample only among the K most likely tokens")
-    p.add_argument("--top-p", type=float, metavar="P",
+    p.add_argument("--top-p", type=fraction, metavar="P",
                    help="sample only among the most likely tokens that make up probability P")
     p.add_argument("--stop", action="append", metavar="TEXT",
                    help="stop before this text (repeatable; \\n is a new line)")
-    p.add_argument("--seed", type=int, help="make the sampling reproducible")
+    p.add_argument("--seed", type=seed, help="make the sampling reproducible")
     p.add_argument("--truncate-left", action="store_true",
                    help="keep the end of a prompt longer than the context (else an error)")
     p.add_argument("--on-full", choices=("slide", "stop"), default="slide",

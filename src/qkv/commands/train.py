@@ -13,7 +13,15 @@ from ..generate import generate
 from ..tasks.mlm import fill_mask, masked_lm_objective
 from ..train import TrainConfig, distributed, next_token_objective, train
 from ..train.checkpoint import find_training_checkpoint, read_state
-from ._args import device, parse_duration, positive_float, positive_int
+from ._args import (
+    device,
+    fraction,
+    non_negative_float,
+    parse_duration,
+    positive_float,
+    positive_int,
+    seed,
+)
 
 ORDER = 10
 
@@ -51,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       "wordpiece (default of an encoder): BERT's, with a [MASK] token")
     data.add_argument("--vocab-size", type=positive_int, metavar="N",
                       help="vocabulary size of a bpe or wordpiece tokenizer (default 8000)")
-    data.add_argument("--val-fraction", type=float, metavar="F",
+    data.add_argument("--val-fraction", type=fraction, metavar="F",
                       help="fraction held out for validation (default 0.1, the end of the text)")
     data.add_argument("--cache-dir", metavar="DIR",
                       help="where token ids are cached (default: .qkv-cache next to --out)")
@@ -67,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--n-heads", type=positive_int, metavar="N")
     model.add_argument("--context", type=positive_int, metavar="N",
                        help="context length in tokens (the model's max_seq_len)")
-    model.add_argument("--dropout", type=float, metavar="P")
+    model.add_argument("--dropout", type=fraction, metavar="P")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--max-steps", type=positive_int, metavar="N",
                      help="number of updates (default 500)")
@@ -79,13 +87,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="micro-batches per update (gradient accumulation)")
     opt.add_argument("--lr", type=positive_float, metavar="LR",
                      help="peak learning rate (default 2e-3 for a decoder, 1e-3 for an encoder)")
-    opt.add_argument("--min-lr", type=float, metavar="LR",
+    opt.add_argument("--min-lr", type=non_negative_float, metavar="LR",
                      help="final learning rate of the cosine decay (default lr/10)")
     opt.add_argument("--warmup-steps", type=int, metavar="N",
                      help="updates of linear warm-up (default 50 for a decoder, 150 for an "
                      "encoder)")
-    opt.add_argument("--weight-decay", type=float, metavar="W")
-    opt.add_argument("--grad-clip", type=float, metavar="C", help="0 turns clipping off")
+    opt.add_argument("--weight-decay", type=non_negative_float, metavar="W")
+    opt.add_argument("--grad-clip", type=non_negative_float, metavar="C",
+                     help="0 turns clipping off")
     run_ = p.add_argument_group("run")
     run_.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset>)")
     run_.add_argument("--resume", action="store_true",
@@ -103,7 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run_.add_argument("--fsdp", action="store_true",
                       help="under torchrun: shard the model over the processes (FSDP2) "
                       "instead of copying it to each (DDP)")
-    run_.add_argument("--seed", type=int)
+    run_.add_argument("--seed", type=seed)
     run_.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads")
     run_.add_argument("--eval-every", type=positive_int, metavar="N")
     run_.add_argument("--eval-windows", type=positive_int, metavar="N",

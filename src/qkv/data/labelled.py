@@ -95,7 +95,13 @@ def _table_records(path: Path, text: str,
     if delimiter == "\t":  # GLUE style: no quoting at all, a quote is just a character
         rows = [line.rstrip("\r").split("\t") for line in text.split("\n")]
     else:
-        rows = list(csv.reader(io.StringIO(text, newline="")))
+        # A long text is not a mistake: let a field be as long as the file (csv's default
+        # limit, 128k characters, would stop at a long document).
+        csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+        try:
+            rows = list(csv.reader(io.StringIO(text, newline="")))
+        except csv.Error as e:
+            raise InputError(f"{path} is not a readable CSV file ({e})") from None
     numbered = [(i + 1, r) for i, r in enumerate(rows) if any(cell.strip() for cell in r)]
     if not numbered:
         raise InputError(f"{path} is empty")
@@ -118,6 +124,8 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
             value = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path} line {i + 1} is not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise InputError(f"{path} line {i + 1} is nested too deeply") from None
         if not isinstance(value, dict):
             raise InputError(f"{path} line {i + 1} is not a JSON object")
         records.append((i + 1, value))

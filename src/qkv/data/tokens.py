@@ -14,6 +14,7 @@ ids. The tokenizer that a corpus trains is cached the same way.
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -61,6 +62,10 @@ def tokenize_corpus(files: list[Path], tokenizer: Tokenizer, cache_dir: Path,
     key = _key(corpus_hash, tok_hash)
     dtype = token_dtype(tokenizer.vocab_size)
     path = Path(cache_dir) / f"tokens-{key}.{dtype.name}.bin"
+    if path.is_file() and path.stat().st_size % dtype.itemsize:  # cut short by a crash or copy
+        print(f"qkv: warning: the token cache {path} is damaged (its size is not a whole number "
+              "of tokens); tokenizing the corpus again", file=sys.stderr)
+        path.unlink()
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         encode = fast_encoder(tokenizer)

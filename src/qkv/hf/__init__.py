@@ -66,8 +66,10 @@ def _config(arch: Architecture, data: dict, shapes: dict[str, list[int]],
         return cfg.replace(**read_sentence_transformers(path, cfg.max_seq_len))
     except ConfigError as e:  # e.g. a head count that does not divide the width
         raise CheckpointError(f"{path / CONFIG}: {e}") from None
-    except (TypeError, ValueError) as e:  # a field of the wrong type (a string for a size)
-        raise CheckpointError(f"{path / CONFIG} has a value of the wrong type ({e})") from None
+    except (TypeError, ValueError, ZeroDivisionError, KeyError, AttributeError,
+            IndexError) as e:  # a field of the wrong type or value (a string or 0 for a size)
+        raise CheckpointError(f"{path / CONFIG} has a value of the wrong type or out of range "
+                              f"({type(e).__name__}: {e})") from None
 
 
 def _load_tokenizer(path: Path) -> Tokenizer | None:

@@ -18,7 +18,6 @@ directions cannot drift apart.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, UnsupportedModelError
-from ..io import WEIGHTS, read_safetensors
+from ..io import WEIGHTS, read_json_object, read_safetensors
 
 INDEX = "model.safetensors.index.json"
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
@@ -238,10 +237,12 @@ _read_file = read_safetensors
 
 def _read_shards(path: Path) -> dict[str, torch.Tensor]:
     index_file = path / INDEX
-    try:
-        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{index_file} is not a valid safetensors index ({e})") from None
+    weight_map = read_json_object(index_file).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v and "/" not in v and v not in (".", "..")
+            for v in weight_map.values()):
+        raise CheckpointError(f"{index_file} is not a valid safetensors index (its weight_map "
+                              "must be an object of tensor name -> shard file name)")
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         file = path / shard

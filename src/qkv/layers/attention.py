@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from .position import apply_rotary
 
 
@@ -291,6 +292,9 @@ def record_attention(model: nn.Module, inputs: bool = False) -> Iterator[dict[st
     inputs=True each layer also keeps its queries, keys, values and mask, one `AttentionInputs`
     per call, under maps[name + ":inputs"] (qkv.explain recomputes every stage from them).
     """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"record_attention needs a model (torch.nn.Module), got "
+                         f"{type(model).__name__}")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, _Heads)}
     maps: dict[str, list] = {}
     for name, m in layers.items():

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from ..batching import evaluating, model_device, pad_id, pad_rows, sorted_batches
 from ..checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_weights
+from ..config import check_number, check_seed
 from ..data.labelled import (
     LabelledBatches,
     LabelledData,
@@ -38,6 +39,7 @@ from ..data.labelled import (
 )
 from ..errors import InputError
 from ..hardware import autocast, resolve_precision
+from ..io import check_new_output
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ..train import LoopConfig, Objective, Schedule, distributed, fit, make_optimizer
@@ -170,6 +172,9 @@ class ClassifySettings:
             raise InputError(f"lr={self.lr} must be positive")
         if not 0 <= self.warmup < 1:
             raise InputError(f"warmup={self.warmup} must be a fraction in [0, 1)")
+        for name in ("weight_decay", "grad_clip"):
+            check_number(name.replace("_", "-"), getattr(self, name), 0, error=InputError)
+        check_seed(self.seed, error=InputError)
         resolve_precision(self.precision)
 
 
@@ -235,18 +240,21 @@ def finetune_classifier(model: Transformer, tokenizer: Tokenizer,
                         dev: LabelledData | tuple[Sequence[str], Sequence[str]] | None = None,
                         settings: ClassifySettings | None = None,
                         out: str | Path | None = None, resume: bool = False,
-                        callback: Callable[[dict[str, Any]], None] | None = None
-                        ) -> ClassifyResult:
+                        callback: Callable[[dict[str, Any]], None] | None = None,
+                        overwrite: bool = False) -> ClassifyResult:
     """Fine-tune `model` (plus a new head) on labelled texts; return the best model and figures.
 
     Evaluates on `dev` after every epoch (and every `eval_every` steps); the best model by dev
     accuracy is kept and, when `out` is given, saved there (config.json with the labels,
     model.safetensors, tokenizer.json), next to log.jsonl and training/, the state that
     `resume=True` continues exactly after Ctrl-C or a crash. `callback` receives every log
-    record.
+    record. A model already in `out` is replaced only with `overwrite=True` (or continued with
+    `resume=True`).
     """
     s = settings or ClassifySettings()
     s.check()
+    if out is not None and not resume:
+        check_new_output(out, overwrite)
     t0 = time.perf_counter()
     train = as_labelled(train, "training data")
     dev = as_labelled(dev, "dev data") if dev is not None else None
@@ -302,11 +310,15 @@ def finetune_classify_files(model: str | Path | tuple, train: str | Path,
                             dev: str | Path | None = None, out: str | Path | None = None,
                             text_column: str = "sentence", label_column: str = "label",
                             settings: ClassifySettings | None = None,
-                            device: str = "cpu", resume: bool = False) -> ClassifyResult:
+                            device: str = "cpu", resume: bool = False,
+                            overwrite: bool = False) -> ClassifyResult:
     """:func:`finetune_classifier` from files: load the model (a directory, a name such as
     "all-MiniLM-L6-v2", or a (model, tokenizer) pair) onto `device`, read the data, fine-tune,
     save."""
+    if out is not None and not resume:
+        check_new_output(out, overwrite)  # before the (slow) loading
     train_data = read_labelled(train, text_column, label_column)
     dev_data = read_labelled(dev, text_column, label_column) if dev is not None else None
     net, tokenizer = load_model(model, device=device)
-    return finetune_classifier(net, tokenizer, train_data, dev_data, settings, out, resume)
+    return finetune_classifier(net, tokenizer, train_data, dev_data, settings, out, resume,
+                               overwrite=overwrite)

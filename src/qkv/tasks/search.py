@@ -27,14 +27,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file
 
 from .._version import __version__
 from ..batching import model_device
 from ..embeddings import encode_sentences
 from ..errors import CheckpointError, InputError
 from ..hardware import resolve_precision
-from ..io import atomic_write_safetensors, atomic_write_text
+from ..io import (
+    CONFIG,
+    atomic_write_safetensors,
+    atomic_write_text,
+    read_json_object,
+    read_jsonl_objects,
+    read_safetensors,
+    storage_errors,
+)
 
 if TYPE_CHECKING:
     from ..model import Transformer
@@ -139,6 +146,18 @@ def _paragraph_passages(text: str, source: str, limit: int) -> list[dict[str, An
 # ---------------------------------------------------------------------------- the index
 
 
+def check_index_target(path: str | Path) -> Path:
+    """InputError unless an index may be written to `path`: a folder (or nothing) that does not
+    hold a model."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path} exists and is not a directory")
+    if (path / CONFIG).is_file():
+        raise InputError(f"{path} holds a model (it has {CONFIG}); write the index to "
+                         "another directory")
+    return path
+
+
 @dataclass
 class SearchIndex:
     """Passage vectors (count, dims) with their passages and a description of the model."""
@@ -156,10 +175,9 @@ class SearchIndex:
 
         if dtype not in ("fp32", "fp16"):
             raise InputError(f"index dtype {dtype!r} is not one of fp32, fp16")
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise InputError(f"{path} exists and is not a directory")
-        path.mkdir(parents=True, exist_ok=True)
+        path = check_index_target(path)
+        with storage_errors(path):
+            path.mkdir(parents=True, exist_ok=True)
         matrix = self.embeddings.to(torch.float16 if dtype == "fp16" else torch.float32)
         tensors = {"embeddings": matrix.contiguous()}
         if self.probe is not None:
@@ -181,23 +199,29 @@ class SearchIndex:
         if not (path / INFO).is_file():
             raise InputError(f"{path} is not a search index (no {INFO}); build one with "
                              "`qkv embed`")
-        try:
-            info = json.loads((path / INFO).read_text(encoding="utf-8"))
-            passages = [json.loads(line) for line in
-                        (path / PASSAGES).read_text(encoding="utf-8").splitlines() if line]
-            tensors = load_file(str(path / EMBEDDINGS))
-            matrix = tensors["embeddings"].float()
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"the index in {path} is incomplete or corrupt ({e})") from None
+        info = read_json_object(path / INFO)
         if info.get("format") != FORMAT:
             raise CheckpointError(f"{path / INFO} is not a qkv search index")
+        passages = read_jsonl_objects(path / PASSAGES)
+        for n, row in enumerate(passages, 1):
+            if not isinstance(row.get("text"), str):
+                raise CheckpointError(f"{path / PASSAGES}, line {n}: a passage needs a \"text\" "
+                                      "string; rebuild the index with `qkv embed`")
+        tensors = read_safetensors(path / EMBEDDINGS)
+        if "embeddings" not in tensors:
+            raise CheckpointError(f"{path / EMBEDDINGS} holds no \"embeddings\" tensor")
+        matrix = tensors["embeddings"].float()
         if matrix.dim() != 2 or matrix.shape[0] != len(passages) or matrix.shape[0] != info.get(
                 "count"):
             raise CheckpointError(f"the index in {path} is inconsistent: {matrix.shape[0]} "
                                   f"vectors, {len(passages)} passages, count {info.get('count')}")
+        probe = tensors.get("probe")
+        if probe is not None and probe.shape != (matrix.shape[1],):
+            raise CheckpointError(f"{path / EMBEDDINGS}: the probe vector has shape "
+                                  f"{list(probe.shape)}, not [{matrix.shape[1]}]")
         for p in passages:
             p.pop("id", None)
-        return cls(matrix, passages, info, tensors.get("probe"))
+        return cls(matrix, passages, info, probe)
 
     def check_model(self, model: Transformer, tokenizer: Tokenizer,
                     model_name: str | None = None) -> None:
@@ -220,8 +244,15 @@ class SearchIndex:
 
     def search(self, query_vectors: torch.Tensor, top_k: int = 3) -> list[list[dict[str, Any]]]:
         """The `top_k` passages per query vector (Q, d), best first: {"score", "rank", ...}."""
-        if top_k < 1:
-            raise InputError(f"top-k must be at least 1, got {top_k}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise InputError(f"top-k must be a whole number of at least 1, got {top_k!r}")
+        dims = self.embeddings.shape[1]
+        if not isinstance(query_vectors, torch.Tensor) or query_vectors.dim() != 2 or \
+                query_vectors.shape[1] != dims:
+            shape = list(query_vectors.shape) if isinstance(query_vectors, torch.Tensor) else \
+                type(query_vectors).__name__
+            raise InputError(f"query vectors must be a (queries, {dims}) tensor for this index, "
+                             f"got {shape}")
         q = torch.nn.functional.normalize(query_vectors.float(), dim=-1)  # (Q, d)
         scores = q @ self.embeddings.T  # (Q, N): cosine similarity of every pair
         best, rows = scores.topk(min(top_k, len(self)), dim=-1)  # (Q, k)

@@ -21,7 +21,9 @@ renames, `training.old/`: always one complete checkpoint. Nothing is ever read w
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -33,6 +35,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import CONFIG, WEIGHTS, read_safetensors
 from ..errors import CheckpointError
+from ..io import parse_json, storage_errors
 
 TRAINING, STATE, OPTIMIZER = "training", "state.json", "optimizer.safetensors"
 
@@ -63,11 +66,24 @@ def save_training_checkpoint(out: Path, weights: torch.nn.Module | dict[str, tor
                              optimizer_state: tuple[dict[str, torch.Tensor], dict[str, str]],
                              state: dict[str, Any]) -> Path:
     """Write out/training/ atomically (see the module docstring); returns its path. `weights`:
-    the model, or its state dict as saved (tied weights once; gathered from several processes)."""
+    the model, or its state dict as saved (tied weights once; gathered from several processes).
+    If the disk fills up (StorageError) the previous checkpoint is left as it was."""
     out = Path(out)
     if isinstance(weights, torch.nn.Module):
         tied = getattr(weights, "tied_weights", dict)()
         weights = {k: v for k, v in weights.state_dict().items() if k not in tied}
+    tmp = out / f"{TRAINING}.tmp"
+    try:
+        with storage_errors(out / TRAINING):
+            return _save_training_checkpoint(out, weights, optimizer_state, state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder is never read
+        raise
+
+
+def _save_training_checkpoint(out: Path, weights: dict[str, torch.Tensor],
+                              optimizer_state: tuple[dict[str, torch.Tensor], dict[str, str]],
+                              state: dict[str, Any]) -> Path:
     final, tmp, old = out / TRAINING, out / f"{TRAINING}.tmp", out / f"{TRAINING}.old"
     if tmp.exists():  # left over by a run killed while writing
         shutil.rmtree(tmp)
@@ -102,19 +118,44 @@ def find_training_checkpoint(out: Path) -> Path | None:
     return None
 
 
+#: The fields of state.json that resume needs, with the types they must have.
+STATE_FIELDS: dict[str, tuple[type, ...]] = {
+    "step": (int,), "max_steps": (int, type(None)), "best": (dict, type(None)),
+    "best_step": (int,), "elapsed": (int, float), "seen": (int,), "sampler": (dict,),
+    "rng": (dict,)}
+
+
+def damaged(path: Path, what: str) -> CheckpointError:
+    """The error for a damaged checkpoint file: what is wrong, and how to start over."""
+    run = path.parent.parent
+    return CheckpointError(f"{path} is damaged ({what}); the run cannot be resumed: start it "
+                           f"again with --overwrite, or delete {run / TRAINING} (docs/errors.md)")
+
+
 def read_state(folder: Path) -> dict[str, Any]:
-    """The state.json of a checkpoint folder."""
+    """The state.json of a checkpoint folder, checked field by field."""
     path = Path(folder) / STATE
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not readable ({e})") from None
+        state = parse_json(path.read_text(encoding="utf-8"), path)
+    except (OSError, UnicodeDecodeError, CheckpointError) as e:
+        raise damaged(path, f"not readable JSON: {e}") from None
     if not isinstance(state, dict) or "step" not in state:
-        raise CheckpointError(f"{path} is not a qkv training state")
+        raise damaged(path, "not a qkv training state")
     if "seen" not in state and "tokens_seen" in state:  # written before the loop took objectives
         best = state.get("best_val_loss")
         state.update(seen=state["tokens_seen"], best_step=0,
                      best=None if best is None else {"val_loss": best})
+    for name, types in STATE_FIELDS.items():
+        if name not in state:
+            raise damaged(path, f"the field {name!r} is missing")
+        value = state[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise damaged(path, f"the field {name!r} is a {type(value).__name__}")
+    numbers = [state["step"], state["best_step"], state["seen"], state["elapsed"]]
+    if any(not math.isfinite(n) or n < 0 for n in numbers):
+        raise damaged(path, "a negative or non-finite count")
+    if not isinstance(state["rng"].get("torch"), str):
+        raise damaged(path, "the random generator state is missing")
     return state
 
 
@@ -142,9 +183,12 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(unb64(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([unb64(s) for s in state["cuda"]])
+    try:
+        torch.set_rng_state(unb64(state["torch"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([unb64(s) for s in state["cuda"]])
+    except (RuntimeError, TypeError, KeyError):
+        raise CheckpointError("the saved random generator state is damaged") from None
 
 
 def b64(t: torch.Tensor) -> str:
@@ -152,4 +196,10 @@ def b64(t: torch.Tensor) -> str:
 
 
 def unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+    try:
+        data = base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise CheckpointError("the saved random generator state is damaged") from None
+    if not data:
+        raise CheckpointError("the saved random generator state is empty")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)

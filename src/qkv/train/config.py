@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..config import check_number, check_seed
 from ..errors import ConfigError
 from ..hardware import PRECISIONS, check_device_name
 from ..presets import get as get_preset
@@ -146,6 +147,18 @@ class TrainConfig:
                               f"{', '.join(PRECISIONS)}")
         self._check_numbers()
 
+    def _check_finite(self) -> None:
+        """Every real-valued setting is a finite number (nan and inf are refused here, so that
+        the range checks below see real numbers); the seed fits torch's generators."""
+        for name in ("lr", "min_lr", "val_fraction", "dropout", "weight_decay", "beta1", "beta2",
+                     "grad_clip", "time_limit"):
+            value = getattr(self, name)
+            if value is not None or name not in ("min_lr", "dropout", "time_limit"):
+                check_number(name, value)
+        check_seed(self.seed)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
+            raise ConfigError(f"warmup_steps={self.warmup_steps!r} must be a whole number")
+
     def _check_numbers(self) -> None:
         positive = ["batch_size", "grad_accum", "eval_every", "eval_windows", "log_every"]
         optional_positive = ["vocab_size", "n_layers", "d_model", "n_heads", "context",
@@ -156,6 +169,7 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive whole number")
+        self._check_finite()
         lr, warmup = self.lr or 0.0, self.warmup_steps or 0  # set by __post_init__
         if warmup < 0:
             raise ConfigError(f"warmup_steps={self.warmup_steps} cannot be negative")

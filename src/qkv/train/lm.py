@@ -40,7 +40,7 @@ from ..model import Transformer
 from ..presets import get as get_preset
 from ..tokenizer import Tokenizer
 from . import distributed
-from .checkpoint import find_training_checkpoint, read_state
+from .checkpoint import STATE, damaged, find_training_checkpoint, read_state
 from .config import TrainConfig
 from .log import printer
 from .loop import LoopConfig, fit
@@ -192,7 +192,11 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool,
     with distributed.main_first():  # rank 0 fills the cache, the others read it
         if resume and state is not None:
             tokenizer = Tokenizer.load(out / TOKENIZER)
-            if state["data"]["corpus_sha256"] != corpus_hash:
+            saved_data = state.get("data")
+            if not isinstance(saved_data, dict) or "corpus_sha256" not in saved_data:
+                raise damaged(Path(folder or out) / STATE, "the field 'data' is missing or "
+                              "not an object")
+            if saved_data["corpus_sha256"] != corpus_hash:
                 say(f"warning: the data differs from the checkpoint's ({cfg.data or 'bundled'})"
                     "; training goes on with the new data", warning=True)
         else:

@@ -27,21 +27,43 @@ def append_log(path: Path, record: dict[str, Any]) -> None:
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Keep the log lines up to `step`: a resumed run rewrites what came after."""
+    """Keep the log lines up to `step`: a resumed run rewrites what came after. A line that is
+    not a JSON record (the half-written last line of a killed run) is dropped, with a warning."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    records = _records(path, warn=True)
+    kept = [line for line, record in records if record.get("step", 0) <= step]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a log.jsonl (a run directory or the file itself)."""
+    """The records of a log.jsonl (a run directory or the file itself). A damaged line (the
+    half-written last line of a killed run) is skipped."""
     path = Path(path)
     if path.is_dir():
         path = path / LOG
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    return [record for _, record in _records(path, warn=False)]
+
+
+def _records(path: Path, warn: bool) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every readable line of a log."""
+    out = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            record = None
+        steps = record.get("step", 0) if isinstance(record, dict) else None
+        if not isinstance(steps, int) or isinstance(steps, bool):
+            if warn:
+                print(f"qkv: warning: {path}, line {n}, is not a log record (a write cut short?); "
+                      "dropped", file=sys.stderr)
+            continue
+        out.append((line, record))
+    return out
 
 
 def printer(enabled: bool, name: str = "train") -> Callable[..., None]:

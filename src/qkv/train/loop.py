@@ -42,6 +42,8 @@ from ..errors import CheckpointError
 from ..hardware import autocast, training_attention
 from ..io import atomic_write_safetensors
 from .checkpoint import (
+    STATE,
+    damaged,
     find_training_checkpoint,
     read_optimizer,
     read_state,
@@ -99,15 +101,18 @@ class _Fit:
         state = read_state(folder)
         load_weights(self.model, folder / WEIGHTS)
         load_optimizer_tensors(self.optimizer, self.names, *read_optimizer(folder))
-        self.objective.batches.load_state_dict(state["sampler"])
+        try:
+            self.objective.batches.load_state_dict(state["sampler"])
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise damaged(folder / STATE, "the data position does not fit this data") from None
         set_rng_state(state["rng"])
         set_rank_rng_state(state.get("rng_ranks", []), self.loop.device)  # several processes
         self.step, self.elapsed, self.seen = state["step"], state["elapsed"], state["seen"]
         self.best, self.best_step = state["best"], state["best_step"]
         if self.max_steps is None and self.loop.time_limit is None:
             self.max_steps = state["max_steps"]
-        if is_main():
-            truncate_log(self.out / LOG, self.step)  # lines written after the checkpoint
+        if is_main():  # lines written after the checkpoint (a half-written one: a warning)
+            truncate_log(self.out / LOG, self.step)
 
     def fresh(self) -> None:
         """Nothing of an earlier run in `out` may be resumed or loaded."""
