@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
-from collections.abc import Iterator
-
 import torch
 
 import qkv
+from serve_util import free_port  # noqa: F401 (re-exported)
+from serve_util import live_server as live  # noqa: F401 (re-exported)
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?:;'\n0123456789"
 CORPUS = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog ran",
@@ -56,31 +52,3 @@ def seq2seq():
     with torch.no_grad():  # keep its own translations away from the end token for a while
         model.lm_head.bias[tok.eos_id] = -30.0
     return model, tok
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def live(app) -> Iterator[str]:
-    """Serve `app` with uvicorn in a thread on a free loopback port; yield its base URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
-                                           timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the explainer test server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=5)

@@ -71,7 +71,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def live_server(app) -> Iterator[str]:
-    """Run `app` under uvicorn in a thread on a free loopback port; yield its base URL."""
+    """Run `app` (any ASGI app) under uvicorn in a thread on a free loopback port; yield its
+    base URL."""
     import uvicorn
 
     port = free_port()
@@ -89,7 +90,9 @@ def live_server(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=5)
-        app.state.qkv.close()
+        state = getattr(app.state, "qkv", None)  # qkv serve's app: stop its engine
+        if state is not None:
+            state.close()
 
 
 def make_app(served: Served | None = None, **kw):

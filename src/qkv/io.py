@@ -89,18 +89,22 @@ def parse_json(text: str, source: str | Path) -> Any:
         raise CheckpointError(f"{source} is nested too deeply to be a qkv file") from None
 
 
-def read_json_object(file: str | Path) -> dict[str, Any]:
-    """The JSON object in `file`; CheckpointError (one line) if it is missing or not an object."""
-    file = Path(file)
+def _read_utf8(file: Path) -> str:
+    """The text of `file`; one-line errors for a missing, non-UTF-8 or unreadable file."""
     try:
-        text = file.read_text(encoding="utf-8")
+        return file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CheckpointError(f"{file} does not exist") from None
     except UnicodeDecodeError as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e})") from None
+        raise CheckpointError(f"{file} is not UTF-8 text ({e})") from None
     except OSError as e:
         raise StorageError(os_error_sentence(e, file, "reading")) from None
-    data = parse_json(text, file)
+
+
+def read_json_object(file: str | Path) -> dict[str, Any]:
+    """The JSON object in `file`; CheckpointError (one line) if it is missing or not an object."""
+    file = Path(file)
+    data = parse_json(_read_utf8(file), file)
     if not isinstance(data, dict):
         raise CheckpointError(f"{file} must hold a JSON object, not a {type(data).__name__}")
     return data
@@ -110,16 +114,8 @@ def read_jsonl_objects(file: str | Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSON-lines file, one a line (blank lines skipped); CheckpointError
     naming the file and the line for anything else."""
     file = Path(file)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CheckpointError(f"{file} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{file} is not UTF-8 text ({e})") from None
-    except OSError as e:
-        raise StorageError(os_error_sentence(e, file, "reading")) from None
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(_read_utf8(file).splitlines(), 1):
         if not line.strip():
             continue
         row = parse_json(line, f"{file}, line {n},")
