@@ -14,6 +14,7 @@ from ..tasks.mlm import fill_mask, masked_lm_objective
 from ..train import TrainConfig, next_token_objective, train
 from ..train.checkpoint import find_training_checkpoint, read_state
 from ._args import device, parse_duration, positive_float, positive_int
+from .translate import add_training_flags, run_training
 
 ORDER = 10
 
@@ -24,6 +25,8 @@ EPILOG = """examples:
   qkv train --preset gpt-char-tiny --max-steps 500 --precision fp32
   qkv train --out runs/mine --resume          continue an interrupted run exactly
   qkv train --family encoder --data my.txt --out runs/bert   a masked-LM BERT (bert-tiny)
+  qkv train --family encoder-decoder --data multi30k/ --src de --tgt en --out runs/de-en
+  qkv train --family rnn --data multi30k/ --src de --tgt en    GRU + Bahdanau attention
 
 Ctrl-C saves a checkpoint and prints the command that resumes it."""
 
@@ -54,9 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--cache-dir", metavar="DIR",
                       help="where token ids are cached (default: .qkv-cache next to --out)")
     model = p.add_argument_group("model")
-    model.add_argument("--family", choices=("decoder", "encoder"),
+    model.add_argument("--family", choices=("decoder", "encoder", "encoder-decoder", "rnn"),
                        help="decoder (default): next-token prediction (GPT); encoder: masked "
-                       "language modelling (BERT)")
+                       "language modelling (BERT); encoder-decoder: translation (the paper's "
+                       "Transformer); rnn: translation with an LSTM/GRU baseline")
     model.add_argument("--preset", metavar="NAME",
                        help="model preset (default gpt-char-small, or bert-tiny for an encoder; "
                        "see qkv.presets.names())")
@@ -105,6 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run_.add_argument("--sample-tokens", type=int, metavar="N",
                       help="tokens of the sample printed at the end (default 300; 0: none)")
     run_.add_argument("--prompt", help="prompt of that sample (default: a new line)")
+    add_training_flags(p)  # translation: commands/translate.py
     p.set_defaults(func=run)
 
 
@@ -114,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     overwrite = given.pop("overwrite", False)
     progress = not given.pop("no_progress", False)
     sample_tokens = given.pop("sample_tokens", 300)
+    if given.get("family") in ("encoder-decoder", "rnn"):  # translation: commands/translate.py
+        return run_training(given, resume, overwrite, progress)
     prompt = given.pop("prompt", "\n")
     if "time_limit" in given and "max_steps" not in given:
         given["max_steps"] = None  # fit the schedule to the time

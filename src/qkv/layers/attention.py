@@ -213,9 +213,12 @@ def record_attention(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]
             model(tokens)
         maps["decoder.layers.0.self_attn"][0]   # (B, n_heads, T, T)
 
-    Only the layers switch to the explicit path while recording; nothing else changes.
+    Only the layers switch to the explicit path while recording; nothing else changes. Any
+    module with a `recorded` attribute takes part: the additive attention of the recurrent
+    baselines (qkv.baselines) records its (B, 1, T, S) weights the same way.
     """
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, _Heads)}
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, _Heads) or hasattr(m, "recorded")}
     maps: dict[str, list[torch.Tensor]] = {}
     for name, m in layers.items():
         m.recorded = maps.setdefault(name, [])
