@@ -171,27 +171,29 @@ def _marian_with_tokenizer(tmp_path):
     transformers = pytest.importorskip("transformers")
     words = ["ein", "hund", "katze", "läuft", "schnell", "im", "park", "zwei", "männer", "sind"]
     texts = [" ".join(random.Random(i).choices(words, k=6)) for i in range(200)]
-    tok = qkv.Tokenizer.train(texts, kind="bpe", vocab_size=90, special_tokens=["</s>",
-                                                                                "<unk>"])
-    vocab = 96
+    tok = qkv.Tokenizer.train(texts, kind="bpe", vocab_size=90,
+                              special_tokens=["</s>", "<unk>"])
+    pad = tok.vocab_size  # Marian's pad (also its decoder start) comes after the tokenizer's
     config = transformers.MarianConfig(
-        vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2,
+        vocab_size=pad + 1, d_model=32, encoder_layers=2, decoder_layers=2,
         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
-        decoder_ffn_dim=48, max_position_embeddings=64, pad_token_id=vocab - 1, eos_token_id=0,
-        decoder_start_token_id=vocab - 1, forced_eos_token_id=None, scale_embedding=True,
+        decoder_ffn_dim=48, max_position_embeddings=64, pad_token_id=pad, eos_token_id=0,
+        decoder_start_token_id=pad, forced_eos_token_id=None, scale_embedding=True,
         init_std=0.3)
     torch.manual_seed(0)
     hf = transformers.MarianMTModel(config).eval()
     with torch.no_grad():
         hf.model.decoder.embed_tokens.weight.copy_(hf.model.encoder.embed_tokens.weight)
+        hf.final_logits_bias.normal_(0, 0.5)
+        hf.final_logits_bias[0, pad] = -1e4  # pad is never generated
     hf.save_pretrained(tmp_path / "marian", safe_serialization=True)
     tok.save(tmp_path / "marian" / "tokenizer.json")
-    return transformers, hf, tok, texts
+    return transformers, hf, tok, texts, pad
 
 
 def test_a_random_marian_translates_the_same_through_qkv_translate_as_hf_generate(
         tmp_path, capsys):
-    transformers, hf, tok, texts = _marian_with_tokenizer(tmp_path)
+    transformers, hf, tok, texts, pad = _marian_with_tokenizer(tmp_path)
     sources = [texts[0], texts[1] + " " + texts[2], texts[3][:12]]
     assert main(["translate", str(tmp_path / "marian"), *sources, "--beam", "4",
                  "--max-length-ratio", "1.5"]) == 0
@@ -202,10 +204,10 @@ def test_a_random_marian_translates_the_same_through_qkv_translate_as_hf_generat
         limit = min(64, int(1.5 * len(ids)) + LENGTH_SLACK)
         gen = transformers.GenerationConfig(
             max_new_tokens=limit, num_beams=4, do_sample=False, length_penalty=1.0,
-            early_stopping=False, eos_token_id=0, pad_token_id=95, decoder_start_token_id=95)
+            early_stopping=False, eos_token_id=0, pad_token_id=pad, decoder_start_token_id=pad)
         with torch.no_grad():
             out = hf.generate(input_ids=torch.tensor([ids]), generation_config=gen)[0]
-        want = [t for t in out.tolist()[1:] if t not in (0, 95)]
+        want = [t for t in out.tolist()[1:] if t not in (0, pad)]
         assert want, "the reference translation is empty: the test would prove little"
         assert got == tok.decode(want).strip()
 

@@ -30,6 +30,7 @@ averaged over the real target tokens of the batch.
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -57,6 +58,7 @@ from ..data.parallel import (
 from ..errors import ConfigError, InputError
 from ..hardware import autocast, resolve_device, resolve_precision, set_threads
 from ..io import read_config_json, read_json_object, read_safetensors
+from ..layers.attention import record_attention
 from ..model import Transformer
 from ..presets import get as get_preset
 from ..seq2seq import generate_seq2seq
@@ -158,6 +160,30 @@ def translate(model: Translator, tokenizer: Any, texts: Sequence[str], beam_size
             for i, target in zip(batch, found, strict=True):
                 out[i] = tokenizer.decode(target, skip_special_tokens=True).strip()
     return out
+
+
+def alignment(model: Translator, tokenizer: Any, source: str,
+              target: str) -> tuple[torch.Tensor, list[str], list[str]]:
+    """(weights (T, S), source tokens, target tokens): how much each target token (a row,
+    predicted after the tokens before it) attended to each source token. The Transformer's is its
+    last decoder layer's cross-attention, averaged over heads; an RNN's is Bahdanau's attention.
+    Both are read with record_attention."""
+    _, bos, _ = translation_ids(tokenizer)
+    src = source_ids(tokenizer, [source], model.config.max_seq_len)[0]
+    tgt = [bos, *tokenizer.encode(target, add_special_tokens=False)]
+    device = model_device(model)
+    if isinstance(model, RNNTranslator):
+        if not model.config.attention:
+            raise InputError("a recurrent translator without attention has no alignment")
+        name = "attention"
+    else:
+        name = f"decoder.layers.{model.config.n_decoder_layers - 1}.cross_attn"
+    with evaluating(model), record_attention(model) as maps:
+        model(torch.tensor([src], device=device), torch.tensor([tgt], device=device))
+    weights = torch.cat(maps[name], dim=2)[0].float().mean(0)  # (T, S), averaged over heads
+    pieces = [tokenizer.decode([t], skip_special_tokens=False) for t in src]
+    out = [tokenizer.decode([t], skip_special_tokens=False) for t in tgt[1:]] + ["</s>"]
+    return weights.cpu(), pieces, out
 
 
 def load_translator(path: str | Path, device: str | torch.device = "cpu"
@@ -279,6 +305,7 @@ class TranslateSettings:
     best: str = "loss"              # pick the best checkpoint by "loss" or "bleu"
     average_last: int = 0           # average the weights of the last K evaluations
     val_pairs: int = 500            # held out from a single TSV without a validation split
+    max_train_pairs: int | None = None  # a random subset of the training pairs (quick runs)
     beam_size: int = 5              # decoding defaults saved with the model
     length_penalty: float = 1.0
     max_length_ratio: float = 1.5
@@ -412,6 +439,9 @@ def train_translation(s: TranslateSettings, out: str | Path | None = None, resum
     torch.manual_seed(s.seed)
 
     train_data, val_data, val_from = read_splits(s)
+    if s.max_train_pairs is not None and s.max_train_pairs < len(train_data):
+        chosen = random.Random(s.seed).sample(range(len(train_data)), s.max_train_pairs)
+        train_data = train_data.subset(sorted(chosen))
     if resume and out is not None and (out / TOKENIZER).is_file():
         tokenizer = Tokenizer.load(out / TOKENIZER)
     else:
