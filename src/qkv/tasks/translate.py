@@ -435,7 +435,9 @@ def train_translation(s: TranslateSettings, out: str | Path | None = None, resum
     device = resolve_device(s.device)
     if device.type == "cpu":
         set_threads(s.threads)
-    precision = resolve_precision(s.precision, device)
+    # The recurrent cells gain nothing from bf16 on a CPU: "auto" keeps them in fp32.
+    precision = resolve_precision("fp32" if s.family == "rnn" and s.precision == "auto"
+                                  else s.precision, device)
     torch.manual_seed(s.seed)
 
     train_data, val_data, val_from = read_splits(s)
