@@ -170,7 +170,7 @@ def _marian_with_tokenizer(tmp_path):
     transformers = pytest.importorskip("transformers")
     words = ["ein", "hund", "katze", "läuft", "schnell", "im", "park", "zwei", "männer", "sind"]
     texts = [" ".join(random.Random(i).choices(words, k=6)) for i in range(200)]
-    tok = qkv.Tokenizer.train(texts, kind="bpe", vocab_size=90,
+    tok = qkv.Tokenizer.train(texts, kind="bpe", vocab_size=300,
                               special_tokens=["</s>", "<unk>"])
     pad = tok.vocab_size  # Marian's pad (also its decoder start) comes after the tokenizer's
     config = transformers.MarianConfig(
@@ -240,7 +240,7 @@ def test_training_a_tiny_translator_learns_and_resumes_exactly(tmp_path, capsys)
     data = _tiny_corpus(tmp_path)
     common = ["train", "--family", "encoder-decoder", "--data", str(data), "--src", "de",
               "--tgt", "en", "--preset", "transformer-mt-tiny", "--n-layers", "1",
-              "--d-model", "64", "--vocab-size", "120", "--max-tokens", "600",
+              "--d-model", "64", "--vocab-size", "300", "--max-tokens", "600",
               "--lr", "3e-3", "--warmup-steps", "20", "--eval-every", "40",
               "--bleu-sentences", "20", "--average-last", "2", "--no-progress",
               "--device", "cpu", "--precision", "fp32", "--threads", "1"]
@@ -281,7 +281,7 @@ def test_the_joint_tokenizer_and_pair_encoding(tmp_path):
     data = read_tsv(_tiny_corpus(tmp_path), "en", "de")  # the header picks the columns
     assert data.src[0].split()[0] in {"dog", "cat", "man", "woman", "red", "blue", "big",
                                       "small"}
-    tok = joint_tokenizer(data, vocab_size=120)
+    tok = joint_tokenizer(data, vocab_size=300)
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
     pairs = encode_pairs(data, tok, max_len=64)
     assert pairs.src[0][-1] == 2 and pairs.tgt[0][0] == 1 and pairs.tgt[0][-1] == 2
