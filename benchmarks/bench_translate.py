@@ -67,22 +67,25 @@ RUNS: dict[str, tuple[dict[str, Any], float, float | None, str]] = {
 }
 
 
-def test_set(name: str, quick: bool) -> tuple[list[str], list[str]]:
+def test_set(name: str, quick: bool, limit: int | None = None) -> tuple[list[str], list[str]]:
     settings = RUNS[name][0]
     if name == "en-pt":
         data = read_parallel(TATOEBA, "en", "pt", "test")
     else:
         data = read_parallel(MULTI30K, settings["src"], settings["tgt"], "test_2016_flickr")
-    n = 100 if quick else len(data)
+    n = min(limit or len(data), 100 if quick else len(data))
     return data.src[:n], data.tgt[:n]
 
 
 def run_one(name: str, budget: float, runs: Path, quick: bool, n_threads: int,
-            beam: int) -> dict[str, Any]:
+            beam: int, test_sentences: int | None = None,
+            warmup: int | None = None, eval_every: int | None = None) -> dict[str, Any]:
     overrides, _, target, anchor = RUNS[name]
     s = TranslateSettings(**{"data": str(MULTI30K), **overrides})
     s.time_limit, s.max_steps, s.threads, s.progress = budget, None, n_threads, not quick
-    s.eval_every = 1000
+    s.eval_every = eval_every or 1000
+    if warmup is not None:
+        s.warmup_steps = warmup
     if quick:
         s.max_train_pairs, s.eval_every, s.bleu_sentences, s.vocab_size = 3000, 50, 50, 2000
         s.warmup_steps = 50
@@ -91,7 +94,7 @@ def run_one(name: str, budget: float, runs: Path, quick: bool, n_threads: int,
     start = time.perf_counter()
     result = train_translation(s, out=runs / name)
     train_s = time.perf_counter() - start
-    sources, refs = test_set(name, quick)
+    sources, refs = test_set(name, quick, test_sentences)
     model, tok = result.model, result.tokenizer
     timing: dict[str, float] = {}
     outputs: dict[int, list[str]] = {}
@@ -209,6 +212,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 30 s of training on 3,000 pairs, 100 test sentences")
     p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--test-sentences", type=int, metavar="N",
+                   help="score only the first N test sentences (default: all)")
+    p.add_argument("--warmup-steps", type=int, metavar="N",
+                   help="override the recipe's warm-up (short budgets need a shorter one)")
+    p.add_argument("--eval-every", type=int, metavar="N", help="default 1000 updates")
     p.add_argument("--threads", type=int)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of the throughput race")
     p.add_argument("--runs", type=Path, default=Path("runs/bench-translate"))
@@ -223,7 +231,8 @@ def main() -> None:
             results[name] = throughput(n, 2 if args.quick else args.rounds, args.quick)
             continue
         budget = 30.0 if args.quick else (args.time_budget or RUNS[name][1])
-        results[name] = r = run_one(name, budget, args.runs, args.quick, n, args.beam)
+        results[name] = r = run_one(name, budget, args.runs, args.quick, n, args.beam,
+                                    args.test_sentences, args.warmup_steps, args.eval_every)
         print(json.dumps(r), flush=True)
     rows = {}
     for name in chosen:

@@ -139,22 +139,38 @@ def test_our_bleu_equals_sacrebleu_corpus_bleu():
         bleu_scores(hyps[:2], refs)
 
 
-def test_at_initialisation_the_source_visibly_changes_the_decoder_output():
-    # Scaled embeddings start at N(0, 1/d) (fairseq): the token vectors are as large as the
-    # sinusoidal positions added to them, so a different source changes the predictions. At
-    # std 0.02 the positions drowned the tokens (the logits moved by about 1e-4).
+def _source_effect(cfg: qkv.ModelConfig) -> tuple[float, float]:
+    """(mean |change of the logits|, that change / the logits' spread) when the whole source
+    sentence is replaced, at initialisation."""
     torch.manual_seed(0)
-    cfg = get_preset("transformer-mt-small", vocab_size=500, dropout=0.0)
     model = qkv.Transformer(cfg).eval()
-    assert model.token_embedding.weight.std().item() == pytest.approx(cfg.d_model ** -0.5,
-                                                                      rel=0.05)
-    tgt = torch.randint(4, 500, (1, 8))
-    a, b = torch.randint(4, 500, (2, 1, 10))
+    tgt = torch.randint(4, cfg.vocab_size, (1, 8))
+    a, b = torch.randint(4, cfg.vocab_size, (2, 1, 10))
     with torch.no_grad():
         la, lb = model(a, tgt), model(b, tgt)
-    moved = (la - lb).abs().mean() / la.std()
-    assert moved > 0.05
-    assert (la.argmax(-1) != lb.argmax(-1)).any()
+    change = (la - lb).abs().mean().item()
+    return change, change / la.std().item()
+
+
+def test_at_initialisation_the_source_visibly_changes_the_decoder_output():
+    # The paper scales token vectors by sqrt(d_model) before adding the sinusoidal positions.
+    # A scaled table starts at N(0, 1/d) (fairseq), so a token vector is about as large as the
+    # positions (RMS ~1 against ~0.71) instead of drowned by them; then a different source
+    # moves the decoder's logits about 35x more than in an encoder-decoder whose token vectors
+    # are N(0, 0.02) (where replacing the whole source moves them by ~4e-4).
+    cfg = get_preset("transformer-mt-small", vocab_size=500, dropout=0.0)
+    model = qkv.Transformer(cfg)
+    token_rms = (model.token_embedding.weight * cfg.d_model ** 0.5).pow(2).mean().sqrt()
+    assert token_rms.item() == pytest.approx(1.0, rel=0.05)
+    position_rms = model.encoder.positions.table.pow(2).mean().sqrt()  # type: ignore[union-attr]
+    assert 0.5 < token_rms.item() / position_rms.item() < 2
+    drowned = cfg.replace(scale_embeddings=False)
+    assert qkv.Transformer(drowned).token_embedding.weight.std().item() == pytest.approx(
+        0.02, rel=0.05)  # unscaled models keep GPT-2's initialisation
+    change, relative = _source_effect(cfg)
+    change_drowned, relative_drowned = _source_effect(drowned)
+    assert change > 5e-3 and change > 10 * change_drowned
+    assert relative > 5 * relative_drowned
 
 
 def test_inverse_sqrt_schedule():
@@ -224,57 +240,73 @@ def test_translate_refuses_a_decoder_only_model(tmp_path, capsys):
 # ---------------------------------------------------------------------- a tiny run end to end
 
 def _tiny_corpus(tmp_path):
+    """300 pairs of five words, translated word by word (the order kept)."""
     words = {"hund": "dog", "katze": "cat", "mann": "man", "frau": "woman", "rot": "red",
              "blau": "blue", "groß": "big", "klein": "small"}
     rng = random.Random(0)
     lines = ["de\ten"]
     for _ in range(300):
-        picked = rng.sample(sorted(words), 3)
+        picked = rng.sample(sorted(words), 5)
         lines.append(" ".join(picked) + "\t" + " ".join(words[w] for w in picked))
     path = tmp_path / "pairs.tsv"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
-def test_training_a_tiny_translator_learns_and_resumes_exactly(tmp_path, capsys):
+def test_a_transformer_run_averages_its_last_evaluations_and_resumes_exactly(tmp_path, capsys):
     data = _tiny_corpus(tmp_path)
     common = ["train", "--family", "encoder-decoder", "--data", str(data), "--src", "de",
               "--tgt", "en", "--preset", "transformer-mt-tiny", "--n-layers", "1",
-              "--d-model", "64", "--vocab-size", "300", "--max-tokens", "600",
-              "--lr", "3e-3", "--warmup-steps", "20", "--eval-every", "40",
-              "--bleu-sentences", "20", "--average-last", "2", "--no-progress",
+              "--d-model", "32", "--vocab-size", "300", "--max-tokens", "600",
+              "--lr", "3e-3", "--warmup-steps", "10", "--eval-every", "20",
+              "--bleu-sentences", "10", "--average-last", "2", "--no-progress",
               "--device", "cpu", "--precision", "fp32", "--threads", "1"]
-    assert main([*common, "--max-steps", "160", "--out", str(tmp_path / "full")]) == 0
-    printed = capsys.readouterr().out
-    assert "average of the last 2 evaluations" in printed
+    assert main([*common, "--max-steps", "60", "--out", str(tmp_path / "full")]) == 0
+    assert "average of the last 2 evaluations" in capsys.readouterr().out
     log = read_log(tmp_path / "full")
-    first, last = log[0], log[-1]
-    assert last["val_loss"] < 0.5 * first["val_loss"]
-    assert last["val_bleu"] > 30
+    assert [r["step"] for r in log] == [20, 40, 60]
+    assert log[-1]["val_loss"] < log[0]["val_loss"]
     assert (tmp_path / "full" / "best.safetensors").is_file()
     assert sorted(p.name for p in (tmp_path / "full" / "averaging").iterdir()) == [
-        "step-120.safetensors", "step-160.safetensors"]
+        "step-40.safetensors", "step-60.safetensors"]
 
-    # stopped after 80 steps, then resumed: the very same losses as the uninterrupted run
-    assert main([*common, "--max-steps", "80", "--out", str(tmp_path / "part")]) == 0
-    assert main([*common, "--max-steps", "160", "--out", str(tmp_path / "part"),
+    # stopped after 40 steps, then resumed: the very same losses as the uninterrupted run
+    assert main([*common, "--max-steps", "40", "--out", str(tmp_path / "part")]) == 0
+    assert main([*common, "--max-steps", "60", "--out", str(tmp_path / "part"),
                  "--resume"]) == 0
     resumed = read_log(tmp_path / "part")
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in log]
-
+    assert [r["val_loss"] for r in resumed] == [r["val_loss"] for r in log]
     capsys.readouterr()
-    model, tok = load_translator(tmp_path / "full")
-    out = translate(model, tok, ["hund rot klein"], beam_size=3)
-    assert out == ["dog red small"]
-    pipe = qkv.pipeline("translation", model=str(tmp_path / "full"))
-    assert pipe("katze blau mann") == [{"translation_text": "cat blue man"}]
+    assert main([*common, "--max-steps", "60", "--out", str(tmp_path / "part")]) == 2
+    assert "--resume" in capsys.readouterr().err  # a run is never overwritten by accident
+
+
+def test_a_tiny_recurrent_translator_learns_then_translates_and_scores(tmp_path, capsys):
+    data = _tiny_corpus(tmp_path)
+    assert main(["train", "--family", "rnn", "--data", str(data), "--src", "de", "--tgt", "en",
+                 "--d-hidden", "64", "--vocab-size", "300", "--max-tokens", "800",
+                 "--lr", "1e-2", "--warmup-steps", "30", "--dropout", "0", "--eval-every",
+                 "50", "--max-steps", "150", "--bleu-sentences", "20", "--no-progress",
+                 "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "rnn")]) == 0
+    log = read_log(tmp_path / "rnn")
+    assert log[-1]["val_bleu"] > 95
+    capsys.readouterr()
+
+    model, tok = load_translator(tmp_path / "rnn")
+    assert translate(model, tok, ["hund rot klein mann frau"], beam_size=3) == [
+        "dog red small man woman"]
+    pipe = qkv.pipeline("translation", model=str(tmp_path / "rnn"))
+    assert pipe("katze blau mann groß klein") == [{"translation_text": "cat blue man big small"}]
 
     src, ref = tmp_path / "test.de", tmp_path / "test.en"
-    src.write_text("hund rot klein\nkatze blau mann\n", encoding="utf-8")
-    ref.write_text("dog red small\ncat blue man\n", encoding="utf-8")
-    assert main(["eval", str(tmp_path / "full"), "--src", str(src), "--ref", str(ref)]) == 0
+    src.write_text("hund rot klein mann frau\nkatze blau mann groß klein\n", encoding="utf-8")
+    ref.write_text("dog red small man woman\ncat blue man big small\n", encoding="utf-8")
+    assert main(["eval", str(tmp_path / "rnn"), "--src", str(src), "--ref", str(ref)]) == 0
     report = capsys.readouterr().out
     assert "BLEU 100.00" in report and "case:mixed" in report and "chrF" in report
+    assert main(["translate", str(tmp_path / "rnn"), "--file", str(src), "--beam", "1"]) == 0
+    assert capsys.readouterr().out.splitlines() == ref.read_text().splitlines()
 
 
 def test_the_joint_tokenizer_and_pair_encoding(tmp_path):

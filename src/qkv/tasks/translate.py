@@ -251,7 +251,8 @@ class Snapshots:
             self.memory = [*self.memory, (step, weights)][-self.keep:]
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        save_weights(model, self.folder / f"step-{step}.safetensors")
+        save_weights(model, self.folder / f"step-{step}.safetensors",
+                     getattr(model, "tied_weights", dict)())  # a tied matrix once
         for old in self.steps()[:-self.keep]:
             (self.folder / f"step-{old}.safetensors").unlink(missing_ok=True)
 
@@ -507,7 +508,9 @@ def train_translation(s: TranslateSettings, out: str | Path | None = None, resum
     averaged = 0
     if s.average_last and snapshots.steps():
         averaged = len(snapshots.steps())
-        model.load_state_dict(snapshots.average())
+        missing, unexpected = model.load_state_dict(snapshots.average(), strict=False)
+        if set(missing) - set(model.tied_weights()) or unexpected:  # cannot happen
+            raise RuntimeError(f"averaging: missing {missing}, unexpected {unexpected}")
         if out is not None:
             (out / WEIGHTS).replace(out / "best.safetensors")  # the single best, kept
             save_weights(model, out / WEIGHTS, model.tied_weights())
