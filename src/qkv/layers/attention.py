@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -217,8 +218,8 @@ def record_attention(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]
     module with a `recorded` attribute takes part: the additive attention of the recurrent
     baselines (qkv.baselines) records its (B, 1, T, S) weights the same way.
     """
-    layers = {name: m for name, m in model.named_modules()
-              if isinstance(m, _Heads) or hasattr(m, "recorded")}
+    layers: dict[str, Any] = {name: m for name, m in model.named_modules()
+                              if isinstance(m, _Heads) or hasattr(m, "recorded")}
     maps: dict[str, list[torch.Tensor]] = {}
     for name, m in layers.items():
         m.recorded = maps.setdefault(name, [])

@@ -479,17 +479,7 @@ def train_translation(s: TranslateSettings, out: str | Path | None = None, resum
 
     snapshots = Snapshots(s.average_last, out / AVERAGING if out is not None else None)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            folder = find_training_checkpoint(out)
-            if folder is not None:
-                snapshots.forget_after(read_state(folder)["step"])
-        else:
-            for old in snapshots.steps():
-                (out / AVERAGING / f"step-{old}.safetensors").unlink(missing_ok=True)
-        model.config.to_json(out / CONFIG)
-        tokenizer.save(out / TOKENIZER)
-        (out / DECODING).write_text(_decoding_json(s))
+        _prepare_run_directory(out, resume, snapshots, model, tokenizer, s)
 
     def on_record(record: dict[str, Any]) -> None:
         if s.average_last and "val_loss" in record:
@@ -521,6 +511,22 @@ def train_translation(s: TranslateSettings, out: str | Path | None = None, resum
         best_step=result.best_step, final=final, train_pairs=len(train_pairs),
         skipped=dict(train_pairs.skipped), wall_s=round(time.perf_counter() - t0, 1),
         stopped_by=result.stopped_by, averaged=averaged, history=result.history)
+
+
+def _prepare_run_directory(out: Path, resume: bool, snapshots: Snapshots, model: Translator,
+                           tokenizer: Tokenizer, s: TranslateSettings) -> None:
+    """config.json, tokenizer.json, translation.json; the averaging snapshots of an earlier
+    run go (or, on resume, those written after the checkpoint)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        folder = find_training_checkpoint(out)
+        if folder is not None:
+            snapshots.forget_after(read_state(folder)["step"])
+    else:
+        snapshots.forget_after(-1)
+    model.config.to_json(out / CONFIG)
+    tokenizer.save(out / TOKENIZER)
+    (out / DECODING).write_text(_decoding_json(s))
 
 
 def _decoding_json(s: TranslateSettings) -> str:
