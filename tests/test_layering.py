@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("qkv.io", "qkv.errors", "qkv._version", "qkv.batching", "qkv.hardware"),
     ("qkv.config", "qkv.tokenizer", "qkv.vocabulary", "qkv.hub", "qkv.presets", "qkv.chat"),
     ("qkv.layers",),
-    ("qkv.model", "qkv.quantize"),
+    ("qkv.model", "qkv.quantize", "qkv.baselines"),
     ("qkv.hf", "qkv.generate", "qkv.seq2seq"),
     ("qkv.checkpoint",),
     ("qkv.data",),

@@ -214,6 +214,11 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("attn.out.weight", "ffn.down.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * n))
+        if cfg.scale_embeddings:  # vectors multiplied by sqrt(d_model): start them at N(0, 1/d)
+            # (fairseq), so that a token's vector has about unit size per dimension, like the
+            # sinusoidal positions added to it; at std 0.02 the positions drown the tokens and the
+            # source barely moves the decoder's output at initialisation.
+            nn.init.normal_(self.token_embedding.weight, std=cfg.d_model ** -0.5)
         if cfg.tie_embeddings:  # the output layer reuses the input embedding (Press & Wolf 2017)
             self.lm_head.weight = self.token_embedding.weight
         self.register_load_state_dict_pre_hook(_accept_old_names)

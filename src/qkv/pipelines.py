@@ -13,6 +13,9 @@
     gen = qkv.pipeline("text-generation", model="runs/gpt")
     gen("ROMEO:", max_new_tokens=50)              # [{"generated_text": "ROMEO: ..."}]
 
+    mt = qkv.pipeline("translation", model="runs/de-en")
+    mt("Ein Hund rennt.", beam_size=5)            # [{"translation_text": "A dog is running."}]
+
 A pipeline owns a model and its tokenizer, and does the rest: tokenizing, truncating to the
 model's max_seq_len, batching (by similar length), switching dropout off, and turning scores
 into labels. Outputs follow Hugging Face's shapes: a single string gives the result for that
@@ -34,6 +37,7 @@ from .hardware import resolve_precision
 from .tasks.classify import predict_proba
 from .tasks.common import load_model
 from .tasks.mlm import fill_mask_batch
+from .tasks.translate import decoding_defaults, load_translator, translate
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -46,6 +50,7 @@ TASK_ALIASES = {
     "feature-extraction": "feature-extraction",
     "embeddings": "feature-extraction",
     "text-generation": "text-generation",
+    "translation": "translation",
 }
 DEFAULT_MODELS = {"feature-extraction": "all-MiniLM-L6-v2"}
 
@@ -55,8 +60,8 @@ def pipeline(task: str, model: str | Path | tuple | Transformer | None = None,
              batch_size: int = 32, precision: str = "fp32") -> Pipeline:
     """A ready-to-call pipeline for `task`.
 
-    task: "sentiment-analysis" / "text-classification", "fill-mask", "feature-extraction", or
-        "text-generation".
+    task: "sentiment-analysis" / "text-classification", "fill-mask", "feature-extraction",
+        "text-generation", or "translation" (an encoder-decoder, or an RNN of qkv.baselines).
     model: a model directory, a name ("all-MiniLM-L6-v2"), a (model, tokenizer) pair, or a
         Transformer (then pass `tokenizer`). feature-extraction defaults to all-MiniLM-L6-v2.
     precision: "fp32" (exact), "bf16" (faster on CPUs with AMX), or "auto".
@@ -70,6 +75,9 @@ def pipeline(task: str, model: str | Path | tuple | Transformer | None = None,
             raise InputError(f"pipeline({task!r}) needs a model: pass model=DIRECTORY")
     if batch_size < 1:
         raise InputError(f"batch_size={batch_size} must be at least 1")
+    if kind == "translation":
+        return TranslationPipeline.create(model, tokenizer, device, batch_size,
+                                          resolve_precision(precision, device))
     net, tok = load_model(model, tokenizer, device)
     net.eval()
     cls = {"text-classification": TextClassificationPipeline, "fill-mask": FillMaskPipeline,
@@ -202,3 +210,45 @@ class TextGenerationPipeline(Pipeline):
         results = [[{"generated_text": prompt + text if return_full_text else text}]
                    for prompt, text in zip(prompts, new, strict=True)]
         return results[0] if single else results
+
+
+class TranslationPipeline(Pipeline):
+    """Translate with an encoder-decoder (qkv.tasks.translate): beam search, in batches."""
+
+    @classmethod
+    def create(cls, model: Any, tokenizer: Tokenizer | None, device: str | torch.device,
+               batch_size: int, precision: str) -> TranslationPipeline:
+        defaults: dict[str, Any] = {}
+        if isinstance(model, (str, Path)):
+            defaults = decoding_defaults(model)
+            net, tok = load_translator(model, device)
+            tok = tokenizer if tokenizer is not None else tok
+        else:
+            net, tok = (model if isinstance(model, tuple) else (model, tokenizer))
+            if tok is None:
+                raise InputError("a tokenizer is needed to turn text into token ids")
+        pipe = cls(net.to(device).eval(), tok, "translation",  # type: ignore[arg-type]
+                   batch_size, precision)
+        pipe.defaults = defaults
+        return pipe
+
+    def check(self) -> None:
+        if self.model.config.family not in ("encoder-decoder", "rnn"):
+            raise InputError(f"translation needs an encoder-decoder model, not a "
+                             f"{self.model.config.family} one")
+        self.defaults: dict[str, Any] = {}
+
+    def __call__(self, inputs: str | Sequence[str], beam_size: int | None = None,
+                 length_penalty: float | None = None,
+                 max_length_ratio: float | None = None) -> list[Any]:
+        """[{"translation_text": ...}] for a text; one such dict per text for a list."""
+        texts, single = _texts(inputs)
+        d = self.defaults
+        out = translate(self.model, self.tokenizer, texts,
+                        beam_size=beam_size or d.get("beam_size", 5),
+                        length_penalty=(length_penalty if length_penalty is not None
+                                        else d.get("length_penalty", 1.0)),
+                        max_length_ratio=max_length_ratio or d.get("max_length_ratio", 1.5),
+                        batch_size=self.batch_size, precision=self.precision)
+        results = [{"translation_text": t} for t in out]
+        return [results[0]] if single else results

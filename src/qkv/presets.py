@@ -45,6 +45,18 @@ _PRESETS: dict[str, dict[str, Any]] = {
                              n_heads=8, d_ff=2048, max_seq_len=512, position="sinusoidal",
                              norm_placement="post", activation="relu", dropout=0.1,
                              scale_embeddings=True),
+    # The default of `qkv train --family encoder-decoder`: a small translation Transformer for
+    # Multi30k-sized data on a CPU (3 + 3 layers, d=256; pre-LN, which trains without a long
+    # warm-up). Source, target and output embeddings are one matrix, as in the paper.
+    "transformer-mt-small": dict(family="encoder-decoder", vocab_size=8000, d_model=256,
+                                 n_layers=3, n_heads=4, d_ff=1024, max_seq_len=128,
+                                 position="sinusoidal", norm_placement="pre", activation="relu",
+                                 dropout=0.1, scale_embeddings=True, tie_embeddings=True),
+    # Transformer-Tiny of Wu et al. 2021: 4 + 4 layers, d=128.
+    "transformer-mt-tiny": dict(family="encoder-decoder", vocab_size=8000, d_model=128,
+                                n_layers=4, n_heads=4, d_ff=512, max_seq_len=128,
+                                position="sinusoidal", norm_placement="pre", activation="relu",
+                                dropout=0.1, scale_embeddings=True, tie_embeddings=True),
     # A small Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied output layer.
     "llama-tiny": dict(family="decoder", vocab_size=32000, d_model=256, n_layers=4, n_heads=8,
                        n_kv_heads=4, max_seq_len=512, position="rope", norm="rmsnorm",

@@ -1,4 +1,5 @@
-"""qkv eval DIR --data FILE: how well a language model predicts a text (loss, perplexity)."""
+"""qkv eval DIR --data FILE: how well a language model predicts a text (loss, perplexity);
+qkv eval DIR --src FILE --ref FILE: the BLEU of a translator (commands/translate.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ..errors import InputError
 from ..hardware import resolve_device, resolve_precision, set_threads
 from ..train import evaluate
 from ._args import device, positive_int
+from .translate import add_bleu_flags, run_bleu
 
 ORDER = 30
 
@@ -27,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "cut into windows of the model's context; every position of every window counts."),
         epilog="examples:\n"
         "  qkv eval runs/gpt-char-small --data held_out.txt\n"
-        "  qkv eval runs/gpt --data books/ --max-windows 2000 --precision bf16",
+        "  qkv eval runs/gpt --data books/ --max-windows 2000 --precision bf16\n"
+        "  qkv eval runs/de-en --src test.de --ref test.en      BLEU, lowercased BLEU, chrF",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("dir", help="model directory with tokenizer.json")
@@ -41,10 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", type=device, default="cpu", metavar="DEVICE",
                    help="auto, cpu (default), cuda, cuda:N or mps")
     p.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp32"))
+    add_bleu_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.src or args.ref:  # a translator: BLEU
+        return run_bleu(args)
     device = resolve_device(args.device)
     set_threads()  # one thread per idle CPU
     precision = resolve_precision(args.precision, device)

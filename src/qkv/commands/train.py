@@ -22,6 +22,7 @@ from ._args import (
     positive_int,
     seed,
 )
+from .translate import add_training_flags, run_training
 
 ORDER = 10
 
@@ -34,6 +35,8 @@ EPILOG = """examples:
   qkv train --family encoder --data my.txt --out runs/bert   a masked-LM BERT (bert-tiny)
   qkv train --nproc 2 --out runs/ddp          2 processes (torchrun, DDP); same result as 1
   torchrun --nproc_per_node=8 -m qkv train --fsdp ...   8 GPUs, the model sharded (FSDP2)
+  qkv train --family encoder-decoder --data multi30k/ --src de --tgt en --out runs/de-en
+  qkv train --family rnn --data multi30k/ --src de --tgt en    GRU + Bahdanau attention
 
 Ctrl-C saves a checkpoint and prints the command that resumes it."""
 
@@ -64,9 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--cache-dir", metavar="DIR",
                       help="where token ids are cached (default: .qkv-cache next to --out)")
     model = p.add_argument_group("model")
-    model.add_argument("--family", choices=("decoder", "encoder"),
+    model.add_argument("--family", choices=("decoder", "encoder", "encoder-decoder", "rnn"),
                        help="decoder (default): next-token prediction (GPT); encoder: masked "
-                       "language modelling (BERT)")
+                       "language modelling (BERT); encoder-decoder: translation (the paper's "
+                       "Transformer); rnn: translation with an LSTM/GRU baseline")
     model.add_argument("--preset", metavar="NAME",
                        help="model preset (default gpt-char-small, or bert-tiny for an encoder; "
                        "see qkv.presets.names())")
@@ -122,6 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run_.add_argument("--sample-tokens", type=int, metavar="N",
                       help="tokens of the sample printed at the end (default 300; 0: none)")
     run_.add_argument("--prompt", help="prompt of that sample (default: a new line)")
+    add_training_flags(p)  # translation: commands/translate.py
     p.set_defaults(func=run)
 
 
@@ -140,6 +145,8 @@ def _run(args: argparse.Namespace) -> int:
     overwrite = given.pop("overwrite", False)
     progress = not given.pop("no_progress", False)
     sample_tokens = given.pop("sample_tokens", 300)
+    if given.get("family") in ("encoder-decoder", "rnn"):  # translation: commands/translate.py
+        return run_training(given, resume, overwrite, progress)
     prompt = given.pop("prompt", "\n")
     if "time_limit" in given and "max_steps" not in given:
         given["max_steps"] = None  # fit the schedule to the time

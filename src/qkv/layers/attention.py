@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -290,12 +290,15 @@ def record_attention(model: nn.Module, inputs: bool = False) -> Iterator[dict[st
 
     Only the layers switch to the explicit path while recording; nothing else changes. With
     inputs=True each layer also keeps its queries, keys, values and mask, one `AttentionInputs`
-    per call, under maps[name + ":inputs"] (qkv.explain recomputes every stage from them).
+    per call, under maps[name + ":inputs"] (qkv.explain recomputes every stage from them). Any
+    module with a `recorded` attribute takes part: the additive attention of the recurrent
+    baselines (qkv.baselines) records its (B, 1, T, S) weights the same way.
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"record_attention needs a model (torch.nn.Module), got "
                          f"{type(model).__name__}")
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, _Heads)}
+    layers: dict[str, Any] = {name: m for name, m in model.named_modules()
+                              if isinstance(m, _Heads) or hasattr(m, "recorded")}
     maps: dict[str, list] = {}
     for name, m in layers.items():
         m.recorded = maps.setdefault(name, [])

@@ -40,6 +40,8 @@ class Schedule:
     decay that reaches `min_lr` at the last update.
 
     decay="cosine": the warm-up reaches lr at update `warmup` - 1, then half a cosine wave.
+    decay="inverse_sqrt": the Transformer paper's (eq. 3): after the warm-up, lr * sqrt(warmup /
+    (step + 1)), whatever the number of updates (min_lr is not used).
     decay="linear": BERT's fine-tuning schedule (as Hugging Face's linear schedule with
     warm-up): update k of the warm-up gets lr * k / warmup, so update 0 moves only AdamW's
     moments, then a straight line to min_lr (0 by default) at the last update.
@@ -51,8 +53,8 @@ class Schedule:
     decay: str = "cosine"
 
     def __post_init__(self) -> None:
-        if self.decay not in ("cosine", "linear"):
-            raise ValueError(f"decay={self.decay!r} is not cosine or linear")
+        if self.decay not in ("cosine", "linear", "inverse_sqrt"):
+            raise ValueError(f"decay={self.decay!r} is not cosine, linear or inverse_sqrt")
 
     def at(self, step: int, total: int) -> float:
         """The learning rate of update number `step` (0-based) of `total`."""
@@ -61,6 +63,9 @@ class Schedule:
                 return self.min_lr + (self.lr - self.min_lr) * (step / self.warmup)
             left = max(0.0, (total - step) / max(1, total - self.warmup))  # 1 -> 0
             return self.min_lr + (self.lr - self.min_lr) * left
+        if self.decay == "inverse_sqrt":  # Vaswani et al. 2017, eq. 3: no end to reach
+            return self.lr * min((step + 1) / max(1, self.warmup),
+                                 (max(1, self.warmup) / (step + 1)) ** 0.5)
         return lr_at(step, self.lr, self.min_lr, self.warmup, total)
 
 
