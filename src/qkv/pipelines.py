@@ -47,7 +47,11 @@ TASK_ALIASES = {
     "embeddings": "feature-extraction",
     "text-generation": "text-generation",
 }
-DEFAULT_MODELS = {"feature-extraction": "all-MiniLM-L6-v2"}
+#: The packaged sentiment model: a LoRA adapter + head for all-MiniLM-L6-v2, trained on SST-2
+#: (benchmarks/make_sentiment_adapter.py; its model card is the README.md beside it).
+SENTIMENT_ADAPTER = Path(__file__).resolve().parent / "data" / "adapters" / "sst2-minilm"
+DEFAULT_MODELS: dict[str, str | Path] = {"feature-extraction": "all-MiniLM-L6-v2",
+                                         "text-classification": SENTIMENT_ADAPTER}
 
 
 def pipeline(task: str, model: str | Path | tuple | Transformer | None = None,
@@ -58,7 +62,8 @@ def pipeline(task: str, model: str | Path | tuple | Transformer | None = None,
     task: "sentiment-analysis" / "text-classification", "fill-mask", "feature-extraction", or
         "text-generation".
     model: a model directory, a name ("all-MiniLM-L6-v2"), a (model, tokenizer) pair, or a
-        Transformer (then pass `tokenizer`). feature-extraction defaults to all-MiniLM-L6-v2.
+        Transformer (then pass `tokenizer`). feature-extraction defaults to all-MiniLM-L6-v2;
+        sentiment-analysis to all-MiniLM-L6-v2 with the packaged SST-2 adapter (offline).
     precision: "fp32" (exact), "bf16" (faster on CPUs with AMX), or "auto".
     """
     if task not in TASK_ALIASES:
