@@ -9,7 +9,9 @@
 Targets name the linear layers of every family by what they do:
 
     q, k, v   the query / key / value projections (rows of the fused `qkv` projection, or the
-              cross-attention's `q` and `kv`)
+              cross-attention's `q` and `kv`), each with its own update
+    qkv       one update for the fused projection as a whole (what PEFT does to GPT-2's
+              `c_attn`); not together with q, k or v
     o         the attention output projection
     up, down, gate   the feed-forward layers (gate only in SwiGLU models)
     attn = q,k,v,o    ffn = up,down,gate    all = both
@@ -53,9 +55,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 QKV_ADAPTER = "qkv_adapter.json"
 PEFT_PREFIX = "base_model.model."
 
-TARGETS = ("q", "k", "v", "o", "up", "down", "gate")
+TARGETS = ("q", "k", "v", "qkv", "o", "up", "down", "gate")
 ALIASES = {"attn": ("q", "k", "v", "o"), "ffn": ("up", "down", "gate"),
-           "mlp": ("up", "down", "gate"), "all": TARGETS}
+           "mlp": ("up", "down", "gate"), "all": ("q", "k", "v", "o", "up", "down", "gate")}
 #: Besides the LoRA matrices, these modules are trained (and saved with the adapter) when the
 #: model has them: a classification head is new, so it must learn in full.
 HEADS = ("classifier", "pooler")
@@ -77,6 +79,9 @@ def parse_targets(spec: str | Sequence[str]) -> tuple[str, ...]:
                              f"(or {', '.join(ALIASES)})")
     if not chosen:
         raise InputError("give at least one LoRA target, e.g. q,v")
+    if "qkv" in chosen and chosen & {"q", "k", "v"}:
+        raise InputError("LoRA target qkv adapts the fused projection as a whole; give it or "
+                         "q, k, v, not both")
     return tuple(t for t in TARGETS if t in chosen)
 
 
@@ -100,11 +105,13 @@ def _slots(model: nn.Module) -> Iterator[_Slot]:
     for name, m in model.named_modules():
         if isinstance(m, SelfAttention):
             q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
-            yield _Slot(f"{name}.qkv", m, "qkv", {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)})
+            yield _Slot(f"{name}.qkv", m, "qkv", {"q": (0, q), "k": (q, kv), "v": (q + kv, kv),
+                                                  "qkv": (0, q + 2 * kv)})
         elif isinstance(m, CrossAttention):
             kv = m.n_kv_heads * m.head_dim
-            yield _Slot(f"{name}.q", m, "q", {"q": (0, m.q.out_features)})
-            yield _Slot(f"{name}.kv", m, "kv", {"k": (0, kv), "v": (kv, kv)})
+            yield _Slot(f"{name}.q", m, "q", {"q": (0, m.q.out_features),
+                                              "qkv": (0, m.q.out_features)})
+            yield _Slot(f"{name}.kv", m, "kv", {"k": (0, kv), "v": (kv, kv), "qkv": (0, 2 * kv)})
         if isinstance(m, (SelfAttention, CrossAttention)):
             yield _Slot(f"{name}.out", m, "out", {"o": (0, m.out.out_features)})
         elif isinstance(m, (FeedForward, GatedFeedForward)):
