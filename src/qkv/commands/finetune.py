@@ -101,13 +101,14 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
 SFT_EPILOG = """examples:
   qkv finetune sft --model runs/gpt --data qa.jsonl --out runs/gpt-qa
   qkv finetune sft --model gpt2-dir --data qa.jsonl --lora-rank 16 --pack --out runs/gpt2-lora
-  qkv generate runs/gpt-qa --chat "What is the capital of Brazil?"
+  qkv generate runs/gpt-qa --prompt $'Question: What is the capital of Brazil?\\nAnswer:' \\
+      --temperature 0 --stop $'\\n'
 
 Data: JSONL, one example per line: {"question": ..., "answer": ...},
 {"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}.
 Conversations are written with the model's chat template (chat_template.jinja, or the
 chat_template of a Hugging Face tokenizer_config.json), else with qkv's default
-("Question: ...\nAnswer: ...", see docs/post-training.md). The loss is on the answers only
+("Question: ...\\nAnswer: ...", see docs/post-training.md). The loss is on the answers only
 unless --loss-on all. Rows with a missing field or an empty answer are skipped and counted.
 With --lora-rank the output is an adapter (adapter_config.json + adapter_model.safetensors,
 PEFT's layout); `qkv merge` folds it into the base model."""
