@@ -257,3 +257,24 @@ def test_the_default_sentiment_pipeline_runs_offline(monkeypatch):
     assert [o["label"] for o in out] == ["positive", "negative"]
     assert all(0.5 < o["score"] <= 1 for o in out)
     assert lora_layers(clf.model) and clf.model.config.labels == ["negative", "positive"]
+
+
+def test_classification_with_lora_saves_an_adapter_that_loads_in_one_call(tmp_path):
+    from qkv.tasks.classify import ClassifySettings, finetune_classifier, predict_proba
+    from test_classify import reviews
+
+    texts, labels = reviews(64)
+    tok = qkv.Tokenizer.train(texts, kind="wordpiece", vocab_size=100)
+    base = qkv.Transformer(tiny_config("encoder", vocab_size=tok.vocab_size, max_seq_len=32))
+    qkv.save(base, tok, tmp_path / "base")
+    settings = ClassifySettings(epochs=2, batch_size=16, lr=1e-2, progress=False,
+                                precision="fp32", lora_rank=4, lora_targets="attn")
+    result = finetune_classifier(base, tok, (texts, labels), settings=settings,
+                                 out=tmp_path / "run", base=str(tmp_path / "base"))
+    assert not (tmp_path / "run" / "config.json").exists()
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    loaded, _ = qkv.load(tmp_path / "run")
+    assert loaded.config.labels == result.labels
+    want = predict_proba(result.model, tok, texts[:8], precision="fp32")
+    got = predict_proba(loaded, tok, texts[:8], precision="fp32")
+    assert (want - got).abs().max() <= TOL

@@ -73,6 +73,9 @@ def pipeline(task: str, model: str | Path | tuple | Transformer | None = None,
         model = DEFAULT_MODELS.get(kind)
         if model is None:
             raise InputError(f"pipeline({task!r}) needs a model: pass model=DIRECTORY")
+        if model == SENTIMENT_ADAPTER and not SENTIMENT_ADAPTER.is_dir():
+            raise InputError(f"the packaged sentiment model is missing ({SENTIMENT_ADAPTER}); "
+                             "reinstall qkv, or pass model=DIRECTORY")
     if batch_size < 1:
         raise InputError(f"batch_size={batch_size} must be at least 1")
     net, tok = load_model(model, tokenizer, device)
