@@ -225,3 +225,22 @@ def test_sft_on_an_encoder_is_refused(tok, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "encoder" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_sft_runs_on_a_hugging_face_directory_and_uses_its_template(tok, tmp_path, capsys):
+    model = _decoder(tok, position="learned", activation="gelu_tanh")
+    qkv.save(model, tok, tmp_path / "hf", format="hf")  # a GPT-2 directory
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{{ m.role[0] + ':' + m.content + '\n' }}"
+                               "{% endfor %}{% if add_generation_prompt %}a:{% endif %}")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(config))
+    data = _write(tmp_path / "d.jsonl", [{"question": q, "answer": a} for q, a in FACTS])
+    code = cli(["finetune", "sft", "--model", str(tmp_path / "hf"), "--data", data, "--out",
+                str(tmp_path / "out"), "--max-steps", "3", "--batch-size", "2", "--lora-rank",
+                "2", "--no-progress", "--precision", "fp32"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "trainable parameters:" in captured.err
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == config["chat_template"]
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["trainable"] > 0

@@ -267,9 +267,8 @@ def finetune_classifier(model: Transformer, tokenizer: Tokenizer,
     model = with_classifier(model, names, s.pooling)
     if s.lora_rank is not None:
         apply_lora(model, s.lora_rank, s.lora_alpha, s.lora_targets)
-        if s.progress:
-            print(f"qkv finetune: LoRA rank {s.lora_rank} on {s.lora_targets}; "
-                  f"{describe_trainable(model)}", file=sys.stderr)
+        print(f"qkv finetune: LoRA rank {s.lora_rank} on {s.lora_targets}; "
+              f"{describe_trainable(model)}", file=sys.stderr)
     device = model_device(model)
     precision = resolve_precision(s.precision, device)
     max_length = min(s.max_length, model.config.max_seq_len)

@@ -220,8 +220,8 @@ def finetune_sft(model: Transformer, tokenizer: Tokenizer,
     if s.lora_rank is not None:
         apply_lora(model, s.lora_rank, s.lora_alpha, s.lora_targets)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"qkv sft: {len(train_enc)} training, {len(val_enc)} validation examples; "
-        f"{describe_trainable(model)}", file=sys.stderr)
+    print(f"qkv sft: {len(train_enc)} training, {len(val_enc)} validation examples; "
+          f"{describe_trainable(model)}", file=sys.stderr)
     device = model_device(model)
     precision = resolve_precision(s.precision, device)
     pad = pad_id(tokenizer)
