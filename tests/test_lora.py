@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -278,3 +279,26 @@ def test_classification_with_lora_saves_an_adapter_that_loads_in_one_call(tmp_pa
     want = predict_proba(result.model, tok, texts[:8], precision="fp32")
     got = predict_proba(loaded, tok, texts[:8], precision="fp32")
     assert (want - got).abs().max() <= TOL
+
+
+def test_a_model_without_a_hugging_face_form_saves_its_parts_apart(tmp_path):
+    from safetensors.torch import load_file
+
+    from qkv.errors import UnsupportedModelError
+    from qkv.hf import architecture_for
+
+    model = _model("bert", labels=["neg", "pos"], pooling="mean")
+    with pytest.raises(UnsupportedModelError):
+        architecture_for(model.config)  # mean pooling under a classifier: no BERT class has it
+    base = copy.deepcopy(model)
+    apply_lora(model, rank=2, targets="q,v,o")
+    _randomize_b(model)
+    save_adapter(model, tmp_path / "a")
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert tensors["base_model.model.encoder.layers.0.attn.qkv.v.lora_B.weight"].shape == (32, 2)
+    ids = torch.randint(3, 49, (2, 9))
+    with torch.no_grad():
+        base.classifier.weight.zero_()  # the head comes from the adapter
+    loaded = load_adapter(base, tmp_path / "a")
+    with torch.no_grad():
+        assert (loaded.classify(ids) - model.classify(ids)).abs().max() <= TOL

@@ -211,13 +211,21 @@ def _layout(model: Transformer) -> tuple[str, dict[str, _Segment], dict[str, str
     """("hf" or "qkv", {saved module name: segment}, {qkv parameter name: saved name}).
 
     With "hf", names are those of qkv's Hugging Face export, with the base-model prefix where
-    the export writes one (`transformer.h.0.attn.c_attn`)."""
+    the export writes one (`transformer.h.0.attn.c_attn`). With "qkv" (a model that has no
+    Hugging Face form), qkv's module names, the rows of a fused projection apart
+    (`encoder.layers.0.attn.qkv.q`)."""
     cfg = model.config
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     try:
         arch = architecture_for(cfg)
-    except UnsupportedModelError:
+    except UnsupportedModelError:  # qkv's own names; a fused projection's parts apart
         segments = {n: _Segment(n, 0, m.out_features) for n, m in linears.items()}
+        for slot in _slots(model):
+            parts = {t: rows for t, rows in slot.rows.items() if t != "qkv"}
+            if len(parts) > 1:
+                del segments[slot.name]
+                for t, (start, size) in parts.items():
+                    segments[f"{slot.name}.{t}"] = _Segment(slot.name, start, size)
         return "qkv", segments, {n: n for n, _ in model.named_parameters()}
     written = arch.config_to_hf(cfg)["architectures"][0]
     prefix = arch.prefix if written != arch.base_architecture else ""
