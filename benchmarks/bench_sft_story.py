@@ -1,6 +1,6 @@
 """The seed's story at CPU scale: pre-training teaches facts, SFT teaches to answer with them.
 
-    python benchmarks/bench_sft_story.py             # the full run (about 15 minutes on 2 cores)
+    python benchmarks/bench_sft_story.py             # the full run (about 10 minutes on 2 cores)
     python benchmarks/bench_sft_story.py --quick     # a smoke run (the figures mean nothing)
 
 1. A corpus is generated (deterministically, from --seed) about a few hundred invented countries,
