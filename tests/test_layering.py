@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("qkv.layers",),
     ("qkv.model", "qkv.quantize", "qkv.baselines"),
     ("qkv.hf", "qkv.generate", "qkv.seq2seq"),
-    ("qkv.checkpoint",),
+    ("qkv.checkpoint", "qkv.lora"),
     ("qkv.data",),
     ("qkv.train",),
     ("qkv.tasks", "qkv.embeddings"),

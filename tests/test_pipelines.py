@@ -90,7 +90,7 @@ def gpt(tok):
 
 @pytest.mark.parametrize(("task", "model", "message"), [
     ("summarize", encoder, "unknown task 'summarize'"),
-    ("sentiment-analysis", None, "needs a model"),
+    ("fill-mask", None, "needs a model"),  # sentiment-analysis has a packaged default
     ("sentiment-analysis", encoder, "no classification head"),
     ("fill-mask", gpt, "fill-mask needs an encoder"),
     ("text-generation", encoder, "text-generation needs a decoder model, not an encoder"),

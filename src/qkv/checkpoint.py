@@ -95,7 +95,10 @@ def is_model_dir(path: str | Path) -> bool:
 
 def load(path: str | Path, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
-    """Load a qkv model directory, or a Hugging Face one, as (model, tokenizer or None)."""
+    """Load a qkv model directory, or a Hugging Face one, as (model, tokenizer or None).
+
+    A LoRA adapter directory (adapter_config.json, see qkv.lora) loads its base model with the
+    adapter added."""
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise InputError(f"dtype={dtype!r} must be a floating-point torch dtype such as "
                          "torch.float32 or torch.bfloat16 (for int8, use qkv.quantize_int8)")
@@ -103,6 +106,10 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     path = Path(path)
     if not path.exists():
         path = resolve(str(path))
+    if (path / "adapter_config.json").is_file() and not (path / CONFIG).is_file():
+        from .lora import load_with_adapter  # a LoRA adapter: its base model, then the adapter
+
+        return load_with_adapter(path, device=device, dtype=dtype)
     data = read_config_json(path)
     if "model_type" in data:  # a Hugging Face checkpoint
         model, tokenizer = load_hf(path)

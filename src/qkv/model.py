@@ -176,10 +176,14 @@ def _row_positions(caches: list[DecoderCache], B: int, T: int,
 def _causal_padding_mask(padding_mask: torch.Tensor | None, T: int,
                          past: int) -> torch.Tensor | None:
     """(B, past + T) padding mask -> (B, 1, T, past + T) keys each new query may see (the causal
-    part is added by the attention itself)."""
+    part is added by the attention itself). A (B, T, past + T) mask is taken as it is: several
+    short sequences packed into one row see only their own tokens (qkv.tasks.sft)."""
     if padding_mask is None:
         return None
-    mask = padding_mask[:, None, None, :].expand(-1, 1, T, -1).clone()  # (B, 1, T, past + T)
+    if padding_mask.dim() == 3:  # packed sequences: which keys each query may see
+        mask = padding_mask[:, None].clone()  # (B, 1, T, past + T)
+    else:
+        mask = padding_mask[:, None, None, :].expand(-1, 1, T, -1).clone()  # (B, 1, T, past + T)
     # A padding query may have no real key to look at; let it see itself so that the softmax
     # is defined (its output is never used).
     idx = torch.arange(T, device=padding_mask.device)
@@ -374,11 +378,14 @@ def _ids(tokens: torch.Tensor) -> torch.Tensor:
 
 def _mask(padding_mask: torch.Tensor | None, tokens: torch.Tensor,
           cache: DecoderCache | list[DecoderCache] | None = None) -> torch.Tensor | None:
-    """Check a (B, T) padding mask and make it bool; with a cache it also covers the past."""
+    """Check a (B, T) padding mask and make it bool; with a cache it also covers the past. A
+    decoder also takes a (B, T, past + T) mask of the keys each query may see."""
     if padding_mask is None:
         return None
     past = len(cache) if isinstance(cache, DecoderCache) else 0
     expected = (tokens.shape[0], past + tokens.shape[1])
+    if padding_mask.dim() == 3:
+        expected = (tokens.shape[0], tokens.shape[1], past + tokens.shape[1])
     if tuple(padding_mask.shape) != expected:
         raise InputError(f"padding mask has shape {tuple(padding_mask.shape)}, expected "
                          f"{expected} (batch, {'past + ' if past else ''}length)")

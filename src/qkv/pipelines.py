@@ -52,7 +52,11 @@ TASK_ALIASES = {
     "text-generation": "text-generation",
     "translation": "translation",
 }
-DEFAULT_MODELS = {"feature-extraction": "all-MiniLM-L6-v2"}
+#: The packaged sentiment model: a LoRA adapter + head for all-MiniLM-L6-v2, trained on SST-2
+#: (benchmarks/make_sentiment_adapter.py; its model card is the README.md beside it).
+SENTIMENT_ADAPTER = Path(__file__).resolve().parent / "data" / "adapters" / "sst2-minilm"
+DEFAULT_MODELS: dict[str, str | Path] = {"feature-extraction": "all-MiniLM-L6-v2",
+                                         "text-classification": SENTIMENT_ADAPTER}
 
 
 def pipeline(task: str, model: str | Path | tuple | Transformer | None = None,
@@ -63,7 +67,8 @@ def pipeline(task: str, model: str | Path | tuple | Transformer | None = None,
     task: "sentiment-analysis" / "text-classification", "fill-mask", "feature-extraction",
         "text-generation", or "translation" (an encoder-decoder, or an RNN of qkv.baselines).
     model: a model directory, a name ("all-MiniLM-L6-v2"), a (model, tokenizer) pair, or a
-        Transformer (then pass `tokenizer`). feature-extraction defaults to all-MiniLM-L6-v2.
+        Transformer (then pass `tokenizer`). feature-extraction defaults to all-MiniLM-L6-v2;
+        sentiment-analysis to all-MiniLM-L6-v2 with the packaged SST-2 adapter (offline).
     precision: "fp32" (exact), "bf16" (faster on CPUs with AMX), or "auto".
     """
     if task not in TASK_ALIASES:
@@ -73,6 +78,9 @@ def pipeline(task: str, model: str | Path | tuple | Transformer | None = None,
         model = DEFAULT_MODELS.get(kind)
         if model is None:
             raise InputError(f"pipeline({task!r}) needs a model: pass model=DIRECTORY")
+        if model == SENTIMENT_ADAPTER and not SENTIMENT_ADAPTER.is_dir():
+            raise InputError(f"the packaged sentiment model is missing ({SENTIMENT_ADAPTER}); "
+                             "reinstall qkv, or pass model=DIRECTORY")
     if batch_size < 1:
         raise InputError(f"batch_size={batch_size} must be at least 1")
     if kind == "translation":

@@ -9,6 +9,7 @@ import sys
 
 from ..hardware import resolve_device
 from ..tasks.classify import ClassifySettings, finetune_classify_files
+from ..tasks.sft import SFTSettings, finetune_sft_files
 from ..train import distributed
 from ._args import (
     device,
@@ -37,7 +38,7 @@ checkpoint; the same command with --resume continues exactly."""
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
-        help="fine-tune a pretrained model for a task (classify)",
+        help="fine-tune a pretrained model for a task (classify, sft)",
         description="Fine-tune a pretrained model for a task.",
     )
     tasks = p.add_subparsers(dest="task", metavar="TASK")
@@ -94,8 +95,113 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--nproc", type=positive_int, default=1, metavar="N",
                    help="train with N processes on this machine (runs torchrun, DDP; "
                    "--batch-size stays the global batch; docs/distributed.md)")
+    add_lora_arguments(c)
     c.set_defaults(func=run_classify)
+    register_sft(tasks)
     p.set_defaults(func=lambda args: _no_task(p))
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    """--lora-rank, --lora-alpha, --lora-targets (qkv.lora)."""
+    g = parser.add_argument_group("LoRA (train small low-rank updates instead of every weight)")
+    g.add_argument("--lora-rank", type=positive_int, metavar="R",
+                   help="rank of the LoRA updates; without it every weight is trained")
+    g.add_argument("--lora-alpha", type=positive_float, metavar="A",
+                   help="the updates are scaled by A / R (default 2 R)")
+    g.add_argument("--lora-targets", default="q,v", metavar="LIST",
+                   help="layers to adapt: q,k,v,o,up,down,gate or attn, ffn, all "
+                   "(default q,v)")
+
+
+SFT_EPILOG = """examples:
+  qkv finetune sft --model runs/gpt --data qa.jsonl --out runs/gpt-qa
+  qkv finetune sft --model gpt2-dir --data qa.jsonl --lora-rank 16 --pack --out runs/gpt2-lora
+  qkv generate runs/gpt-qa --prompt $'Question: What is the capital of Brazil?\\nAnswer:' \\
+      --temperature 0 --stop $'\\n'
+
+Data: JSONL, one example per line: {"question": ..., "answer": ...},
+{"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}.
+Conversations are written with the model's chat template (chat_template.jinja, or the
+chat_template of a Hugging Face tokenizer_config.json), else with qkv's default
+("Question: ...\\nAnswer: ...", see docs/post-training.md). The loss is on the answers only
+unless --loss-on all. Rows with a missing field or an empty answer are skipped and counted.
+With --lora-rank the output is an adapter (adapter_config.json + adapter_model.safetensors,
+PEFT's layout); `qkv merge` folds it into the base model."""
+
+
+def register_sft(tasks: argparse._SubParsersAction) -> None:
+    s = tasks.add_parser(
+        "sft", help="supervised fine-tuning of a decoder on question/answer pairs",
+        description="Supervised fine-tuning: teach a pretrained decoder (GPT, Llama) to answer, "
+        "from question/answer pairs, prompt/completion pairs or chat conversations.",
+        epilog=SFT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--model", required=True, help="decoder model directory (qkv or Hugging Face)")
+    s.add_argument("--data", required=True, help="training examples (.jsonl)")
+    s.add_argument("--dev", help="validation examples (.jsonl); default: hold out a part")
+    s.add_argument("--out", required=True, help="directory for the best model and log.jsonl")
+    s.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file")
+    s.add_argument("--epochs", type=positive_float, default=3.0, help="passes (default 3)")
+    s.add_argument("--max-steps", type=positive_int, help="updates (instead of --epochs)")
+    s.add_argument("--batch-size", type=positive_int, default=8,
+                   help="examples (or packed rows) per step (default 8)")
+    s.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step")
+    s.add_argument("--lr", type=positive_float, help="peak learning rate (default 1e-4; "
+                   "1e-3 with LoRA)")
+    s.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    s.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction (default 0.05)")
+    s.add_argument("--max-length", type=positive_int, help="tokens per example (default: the "
+                   "model's context)")
+    s.add_argument("--overlong", choices=["truncate", "skip"], default="truncate",
+                   help="longer examples: cut their end, or skip them (counted either way)")
+    s.add_argument("--loss-on", choices=["completion", "all"], default="completion",
+                   help="take the loss on the answers only (default) or on every token")
+    s.add_argument("--pack", action="store_true",
+                   help="pack short examples into full rows (each still sees only itself)")
+    s.add_argument("--val-fraction", type=float, default=0.05,
+                   help="held out without --dev (default 0.05)")
+    s.add_argument("--eval-every", type=positive_int, help="also evaluate every N steps")
+    s.add_argument("--time-limit", type=parse_duration, metavar="TIME",
+                   help="stop after this long, e.g. 90s, 5m")
+    s.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    s.add_argument("--device", type=device, default="cpu", metavar="DEVICE",
+                   help="auto, cpu (default), cuda, cuda:N or mps")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out exactly (repeat its other flags)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_lora_arguments(s)
+    s.set_defaults(func=run_sft)
+
+
+def run_sft(args: argparse.Namespace) -> int:
+    lr = args.lr if args.lr is not None else (1e-3 if args.lora_rank else 1e-4)
+    settings = SFTSettings(
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=lr, weight_decay=args.weight_decay, warmup=args.warmup,
+        max_length=args.max_length, overlong=args.overlong, loss_on=args.loss_on,
+        packing=args.pack, val_fraction=args.val_fraction, eval_every=args.eval_every,
+        time_limit=args.time_limit, precision=args.precision, seed=args.seed,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+        progress=not args.no_progress)
+    result = finetune_sft_files(args.model, args.data, args.dev, args.out, settings,
+                                str(resolve_device(args.device)), args.resume,
+                                args.chat_template)
+    if result.stopped_by in ("SIGINT", "SIGTERM"):
+        print(f"qkv finetune: stopped at step {result.steps}; resume with the same command and "
+              f"--resume (--out {shlex.quote(str(result.out))})", file=sys.stderr)
+        return 130 if result.stopped_by == "SIGINT" else 143
+    best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
+    print(f"best validation loss {best} at step {result.best_step}; "
+          f"{result.train_examples} training examples ({result.skipped} skipped, "
+          f"{result.truncated} truncated), {result.steps} steps, {result.wall_s:.0f} s; "
+          f"saved to {result.out}")
+    print(json.dumps({"best_val_loss": result.best_val_loss, "best_step": result.best_step,
+                      "steps": result.steps, "train_examples": result.train_examples,
+                      "eval_examples": result.eval_examples, "skipped": result.skipped,
+                      "truncated": result.truncated, "trainable": result.trainable,
+                      "wall_s": result.wall_s, "precision": result.precision,
+                      "out": str(result.out)}))
+    return 0
 
 
 def _no_task(parser: argparse.ArgumentParser) -> int:
@@ -122,7 +228,8 @@ def _run_classify(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, warmup=args.warmup, max_length=args.max_length,
         max_train_examples=args.max_train_examples, time_limit=args.time_limit,
         precision=args.precision, eval_every=args.eval_every, pooling=args.pooling,
-        label_names=names, seed=args.seed, compile=args.compile, progress=not args.no_progress)
+        label_names=names, seed=args.seed, compile=args.compile, progress=not args.no_progress,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
     result = finetune_classify_files(args.model, args.train, args.dev, args.out,
                                      args.text_column, args.label_column, settings,
                                      str(distributed.start(resolve_device(args.device))),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -40,6 +41,7 @@ from ..data.labelled import (
 from ..errors import InputError
 from ..hardware import autocast, resolve_precision
 from ..io import check_new_output
+from ..lora import apply_lora, describe_trainable, save_adapter
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ..train import LoopConfig, Objective, Schedule, distributed, fit, make_optimizer
@@ -159,6 +161,9 @@ class ClassifySettings:
     eval_batch_size: int = 128
     compile: bool = False           # torch.compile the training step
     progress: bool = True
+    lora_rank: int | None = None    # LoRA (qkv.lora): train low-rank updates and the head only
+    lora_alpha: float | None = None  # scale alpha / rank (default 2 * rank)
+    lora_targets: str = "q,v"       # which linears get updates (qkv.lora.TARGETS)
 
     def check(self) -> None:
         """InputError naming the first setting out of its range."""
@@ -241,7 +246,7 @@ def finetune_classifier(model: Transformer, tokenizer: Tokenizer,
                         settings: ClassifySettings | None = None,
                         out: str | Path | None = None, resume: bool = False,
                         callback: Callable[[dict[str, Any]], None] | None = None,
-                        overwrite: bool = False) -> ClassifyResult:
+                        overwrite: bool = False, base: str | None = None) -> ClassifyResult:
     """Fine-tune `model` (plus a new head) on labelled texts; return the best model and figures.
 
     Evaluates on `dev` after every epoch (and every `eval_every` steps); the best model by dev
@@ -249,7 +254,9 @@ def finetune_classifier(model: Transformer, tokenizer: Tokenizer,
     model.safetensors, tokenizer.json), next to log.jsonl and training/, the state that
     `resume=True` continues exactly after Ctrl-C or a crash. `callback` receives every log
     record. A model already in `out` is replaced only with `overwrite=True` (or continued with
-    `resume=True`).
+    `resume=True`). With `settings.lora_rank`, only LoRA updates and the head are trained, and
+    `out` receives the adapter (qkv.lora.save_adapter) instead of a full model; `base` names the
+    base model in it, so that `qkv.load(out)` finds it.
     """
     s = settings or ClassifySettings()
     s.check()
@@ -266,6 +273,10 @@ def finetune_classifier(model: Transformer, tokenizer: Tokenizer,
     names, train_y, eval_y = class_ids(train, eval_data, s.label_names)
 
     model = with_classifier(model, names, s.pooling)
+    if s.lora_rank is not None:
+        apply_lora(model, s.lora_rank, s.lora_alpha, s.lora_targets)
+        print(f"qkv finetune: LoRA rank {s.lora_rank} on {s.lora_targets}; "
+              f"{describe_trainable(model)}", file=sys.stderr)
     device = model_device(model)
     precision = resolve_precision(s.precision, device)
     max_length = min(s.max_length, model.config.max_seq_len)
@@ -284,7 +295,8 @@ def finetune_classifier(model: Transformer, tokenizer: Tokenizer,
     out = Path(out) if out is not None else None
     if out is not None and not resume and distributed.is_main():  # rank 0 writes (torchrun)
         out.mkdir(parents=True, exist_ok=True)
-        model.config.to_json(out / CONFIG)
+        if s.lora_rank is None:  # a LoRA run saves an adapter instead (below)
+            model.config.to_json(out / CONFIG)
         tokenizer.save(out / TOKENIZER)
     model.train()
     result = fit(model, optimizer, objective, loop, out, resume,
@@ -294,6 +306,8 @@ def finetune_classifier(model: Transformer, tokenizer: Tokenizer,
         load_weights(model, out / WEIGHTS)  # return the best model, as saved
     elif result.best_state is not None:
         model.load_state_dict(result.best_state)
+    if out is not None and s.lora_rank is not None:
+        save_adapter(model, out, base=base)
     best = result.best or {}
     return ClassifyResult(
         model=model, labels=names, train_examples=len(train_rows),
@@ -320,5 +334,6 @@ def finetune_classify_files(model: str | Path | tuple, train: str | Path,
     train_data = read_labelled(train, text_column, label_column)
     dev_data = read_labelled(dev, text_column, label_column) if dev is not None else None
     net, tokenizer = load_model(model, device=device)
+    base = str(model) if isinstance(model, (str, Path)) else None
     return finetune_classifier(net, tokenizer, train_data, dev_data, settings, out, resume,
-                               overwrite=overwrite)
+                               overwrite=overwrite, base=base)

@@ -1,0 +1,194 @@
+"""The seed's story at CPU scale: pre-training teaches facts, SFT teaches to answer with them.
+
+    python benchmarks/bench_sft_story.py             # the full run (about 10 minutes on 2 cores)
+    python benchmarks/bench_sft_story.py --quick     # a smoke run (the figures mean nothing)
+
+1. A corpus is generated (deterministically, from --seed) about a few hundred invented countries,
+   each with a capital city. The facts appear in prose, each in several phrasings, in English and
+   Portuguese ("The capital of Veltoria is Dunmar.", "A capital de Veltoria é Dunmar.", ...).
+   Questions appear too, but the way web pages list them: several in a row, none answered.
+2. A small character-level GPT (qkv's gpt-char-small) is pre-trained on it from scratch.
+3. Before SFT, each held-out question ("What is the capital of Veltoria?" or "Qual é a capital
+   de Veltoria?", then a newline) is continued greedily up to the next newline. Counted: how
+   often the continuation is an answer rather than another question, and how often it is the
+   right capital.
+4. SFT (qkv.tasks.sft) on question/answer pairs about half of the countries; the chat template
+   is the plainest one: the question on a line, the answer on the next.
+5. The same count on the other half: countries whose capital the model saw only in the
+   pre-training prose, never in a question/answer pair.
+
+Anchors: Allen-Zhu & Li 2023 (Physics of Language Models, Part 3.1): knowledge becomes
+extractable by fine-tuning when pre-training shows each fact in varied phrasings. Raschka, Build
+a Large Language Model (From Scratch), ch. 7: before instruction fine-tuning, GPT-2 repeats or
+continues the instruction instead of answering it.
+
+Prints the before/after counts, a few examples in both languages, and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import qkv
+from qkv.chat import ChatTemplate
+from qkv.data.sft import SFTExample
+from qkv.tasks.sft import SFTSettings, finetune_sft
+from qkv.train import TrainConfig, train
+
+SYLLABLES = ["ka", "lo", "mi", "ra", "ven", "tor", "sa", "du", "mar", "zel", "qui", "bra",
+             "no", "fe", "lis", "gar", "po", "te", "xan", "vi", "hel", "um", "dra", "sol",
+             "cor", "bel", "ta", "ri", "mon", "ga"]
+
+FACT_EN = ["The capital of {c} is {k}.", "{k} is the capital of {c}.",
+           "{c} has its seat of government in {k}.", "Most of the ministries of {c} are in {k}.",
+           "{k}, the capital city of {c}, lies by a river.", "In {c}, the capital is {k}."]
+FACT_PT = ["A capital de {c} é {k}.", "{k} é a capital de {c}.",
+           "O governo de {c} fica em {k}.", "Em {c}, a capital é {k}."]
+OTHER = ["{c} is known for its mountains.", "Many tourists visit {c} in the summer.",
+         "{c} exports grain and wool.", "O clima de {c} é ameno.", "{c} tem muitas praias."]
+ASK_EN = ["What is the capital of {c}?", "Which city is the capital of {c}?"]
+ASK_PT = ["Qual é a capital de {c}?"]
+
+TEMPLATE = ("{% for m in messages %}{% if m.role == 'user' %}{{ m.content + '\n' }}"
+            "{% else %}{{ m.content + eos_token + '\n' }}{% endif %}{% endfor %}")
+
+
+def names(rng: random.Random, n: int, parts: tuple[int, int]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    while len(out) < n:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(*parts))).capitalize()
+        if name not in seen:
+            seen.add(name)
+            out.append(name)
+    return out
+
+
+def world(seed: int, n: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    all_names = names(rng, 2 * n, (2, 3))
+    return list(zip(all_names[:n], all_names[n:], strict=True))  # (country, capital)
+
+
+def corpus(facts: list[tuple[str, str]], seed: int, mentions: int) -> str:
+    """Prose paragraphs (each fact in `mentions` paragraphs, in varied phrasings and both
+    languages) and FAQ-like lists of unanswered questions, shuffled together."""
+    rng = random.Random(seed + 1)
+    blocks = []
+    for c, k in facts:
+        phrasings = FACT_EN + FACT_PT
+        for m in range(mentions):
+            lines = [phrasings[(m * 3 + j) % len(phrasings)] for j in range(2)]
+            lines.insert(rng.randint(0, 2), rng.choice(OTHER))
+            blocks.append(" ".join(s.format(c=c, k=k) for s in lines))
+    countries = [c for c, _ in facts]
+    for _ in range(len(facts) * mentions // 3):
+        asks = [rng.choice(ASK_EN + ASK_PT).format(c=rng.choice(countries))
+                for _ in range(rng.randint(3, 6))]
+        blocks.append("\n".join(asks))
+    rng.shuffle(blocks)
+    return "\n\n".join(blocks) + "\n"
+
+
+def questions(facts: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """(question, answer, language) for every country, in English and Portuguese."""
+    out = []
+    for i, (c, k) in enumerate(facts):
+        out.append((ASK_EN[i % len(ASK_EN)].format(c=c), k, "en"))
+        out.append((ASK_PT[0].format(c=c), k, "pt"))
+    return out
+
+
+def measure(model, tok, qs: list[tuple[str, str, str]]) -> dict:
+    prompts = [q + "\n" for q, _, _ in qs]
+    outs = []
+    for i in range(0, len(prompts), 64):
+        outs += qkv.generate(model, tok, prompts[i:i + 64], max_new_tokens=40, temperature=0,
+                             stop="\n")
+    answered = [not o.strip().endswith("?") and bool(o.strip()) for o in outs]
+    right = [o.strip() == k for o, (_, k, _) in zip(outs, qs, strict=True)]
+    n = len(qs)
+    return {"answer_rate": sum(answered) / n, "accuracy": sum(right) / n, "n": n,
+            "examples": [(q, o.strip(), k) for (q, k, _), o in zip(qs, outs, strict=True)]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--countries", type=int, default=200)
+    p.add_argument("--mentions", type=int, default=4, help="prose paragraphs per fact")
+    p.add_argument("--pretrain-steps", type=int, default=1500)
+    p.add_argument("--sft-steps", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="runs/story")
+    args = p.parse_args()
+    if args.quick:
+        args.countries, args.mentions, args.pretrain_steps, args.sft_steps = 20, 2, 20, 10
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    facts = world(args.seed, args.countries)
+    (out / "corpus.txt").write_text(corpus(facts, args.seed, args.mentions), encoding="utf-8")
+    base_dir = out / "base"
+    cfg = TrainConfig(data=str(out / "corpus.txt"), preset="gpt-char-small", context=128,
+                      max_steps=args.pretrain_steps, eval_every=max(10, args.pretrain_steps // 5),
+                      warmup_steps=min(100, args.pretrain_steps // 10), val_fraction=0.02,
+                      eval_windows=100, out=str(base_dir), seed=args.seed, threads=args.threads,
+                      progress=False, lr=2e-3)
+    result = train(cfg, overwrite=True)
+    pretrain_s = time.perf_counter() - t0
+    model, tok = result.model.eval(), result.tokenizer
+
+    half = len(facts) // 2
+    seen, held = facts[:half], facts[half:]
+    before = measure(model, tok, questions(held))
+    template = ChatTemplate(TEMPLATE, eos_token=tok.special_tokens.get("eos") or "")
+    pairs = [SFTExample(messages=[{"role": "user", "content": q},
+                                  {"role": "assistant", "content": k}])
+             for q, k, _ in questions(seen)]
+    dev = pairs[: max(2, len(pairs) // 10)]
+    t1 = time.perf_counter()
+    settings = SFTSettings(max_steps=args.sft_steps, batch_size=16, lr=5e-4, packing=True,
+                           progress=False, seed=args.seed, eval_every=max(5, args.sft_steps // 3))
+    tuned = finetune_sft(model, tok, pairs, dev, settings, out=out / "sft",
+                         template=template).model
+    sft_s = time.perf_counter() - t1
+    after = measure(tuned, tok, questions(held))
+    seen_after = measure(tuned, tok, questions(seen))
+
+    print(f"pre-training {args.pretrain_steps} steps ({pretrain_s / 60:.1f} min, final val loss "
+          f"{result.val_loss:.3f}); SFT {args.sft_steps} steps on {len(pairs)} Q/A pairs about "
+          f"{half} countries ({sft_s / 60:.1f} min)")
+    print(f"held-out countries ({len(held)}, questions in English and Portuguese):")
+    print(f"  before SFT: {100 * before['answer_rate']:.1f}% answered, "
+          f"{100 * before['accuracy']:.1f}% right")
+    print(f"  after SFT:  {100 * after['answer_rate']:.1f}% answered, "
+          f"{100 * after['accuracy']:.1f}% right")
+    print(f"countries in the SFT pairs, after: {100 * seen_after['accuracy']:.1f}% right")
+    print("examples (question | before | after | truth):")
+    for i in (0, 1, 2, 3):
+        q, b, k = before["examples"][i]
+        print(f"  {q} | {b} | {after['examples'][i][1]} | {k}")
+    total = time.perf_counter() - t0
+    print(json.dumps({
+        "before": {k: v for k, v in before.items() if k != "examples"},
+        "after": {k: v for k, v in after.items() if k != "examples"},
+        "after_seen": {k: v for k, v in seen_after.items() if k != "examples"},
+        "examples": [{"question": q, "before": b, "after": after["examples"][i][1],
+                      "truth": k} for i, (q, b, k) in enumerate(before["examples"][:6])],
+        "pretrain_s": round(pretrain_s, 1), "sft_s": round(sft_s, 1), "total_s": round(total, 1),
+        "val_loss": result.val_loss, "settings": vars(args)}))
+    return 0
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    sys.exit(main())

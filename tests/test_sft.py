@@ -1,0 +1,246 @@
+"""Supervised fine-tuning: data, chat template, completion-only loss, packing, the run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qkv
+from conftest import tiny_config
+from qkv.cli import main as cli
+from qkv.data.sft import (
+    SFTBatches,
+    SFTExample,
+    default_template,
+    encode_example,
+    encode_sft,
+    make_batch,
+    read_sft,
+)
+from qkv.errors import InputError
+from qkv.tasks.sft import SFTSettings, finetune_sft, sft_loss, template_for, token_losses
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ?:.,'\néáíóúãç"
+
+
+@pytest.fixture(scope="module")
+def tok() -> qkv.Tokenizer:
+    return qkv.Tokenizer.train([ALPHABET], kind="char")
+
+
+def _decoder(tok: qkv.Tokenizer, **kw) -> qkv.Transformer:
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=tok.vocab_size, max_seq_len=128, **kw)
+    return qkv.Transformer(cfg).eval()
+
+
+def _qa(q: str, a: str) -> SFTExample:
+    return SFTExample(messages=[{"role": "user", "content": q},
+                                {"role": "assistant", "content": a}])
+
+
+def _write(path, rows) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows),
+                    encoding="utf-8")
+    return str(path)
+
+
+# ---------------------------------------------------------------------- the template
+
+def test_the_default_template_renders_the_documented_format(tok):
+    template = default_template(tok)
+    messages = [{"role": "user", "content": "Qual é a capital do Brasil?"},
+                {"role": "assistant", "content": "Brasília"}]
+    assert template.render(messages, add_generation_prompt=False) == (
+        "Question: Qual é a capital do Brasil?\nAnswer: Brasília<|endoftext|>\n")
+    assert template.render(messages[:1]) == "Question: Qual é a capital do Brasil?\nAnswer:"
+    text, spans = template.render_spans(messages)
+    assert [text[a:b] for a, b in spans] == [" Brasília<|endoftext|>\n"]
+
+
+def test_a_template_stored_with_the_model_is_used(tok, tmp_path):
+    source = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": source}))
+    template = template_for(tmp_path, tok)
+    assert template.render([{"role": "user", "content": "hi"}]) == "<user>hi"
+    assert template_for(tmp_path / "none", tok).source == default_template(tok).source
+
+
+# ---------------------------------------------------------------------- data
+
+def test_rows_of_every_shape_are_read_and_bad_rows_are_counted(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [
+        {"question": "Capital of Brazil?", "answer": "Brasília"},
+        {"prompt": "2+2=", "completion": "4"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "oi"}]},
+        {"question": "no answer"},
+        {"question": "empty", "answer": "  "},
+        {"text": "what?"},
+        {"messages": [{"role": "user", "content": "alone"}]},
+    ])
+    data = read_sft(path)
+    assert len(data) == 3 and [e.line for e in data.examples] == [1, 2, 3]
+    assert sum(data.skipped.values()) == 4
+    report = data.report()
+    assert report is not None and "empty answer (first at line 5)" in report
+    assert "line 4" in report and "line 6" in report and "line 7" in report
+
+
+def test_malformed_json_and_files_without_examples_are_one_clear_error(tmp_path):
+    with pytest.raises(InputError, match="line 2 is not valid JSON"):
+        read_sft(_write(tmp_path / "a.jsonl", [{"question": "q", "answer": "a"}, "{oops"]))
+    with pytest.raises(InputError, match="no usable example.*empty answer"):
+        read_sft(_write(tmp_path / "b.jsonl", [{"question": "q", "answer": ""}]))
+    with pytest.raises(InputError, match="does not exist"):
+        read_sft(tmp_path / "missing.jsonl")
+
+
+def test_overlong_examples_are_truncated_or_skipped_and_counted(tok):
+    template = default_template(tok)
+    examples = [_qa("short?", "yes"), _qa("a much longer question " * 4, "and its answer")]
+    cut = encode_sft(examples, tok, template, max_length=40)
+    assert (len(cut), cut.truncated, cut.skipped) == (1, 0, 1)  # no answer token would be left
+    cut = encode_sft(examples, tok, template, max_length=115)  # the prompt is 110 tokens
+    assert (len(cut), cut.truncated, cut.skipped) == (2, 1, 0)
+    assert max(len(x) for x in cut.ids) == 115
+    skipped = encode_sft(examples, tok, template, max_length=115, overlong="skip")
+    assert (len(skipped), skipped.skipped) == (1, 1)
+
+
+# ---------------------------------------------------------------------- the loss
+
+def test_the_loss_is_the_cross_entropy_of_the_answer_tokens_only(tok):
+    model = _decoder(tok)
+    template = default_template(tok)
+    ids, mask = encode_example(_qa("Capital of Brazil?", "Brasília"), tok, template)
+    n_prompt = mask.index(1)
+    assert n_prompt == len(tok.encode("Question: Capital of Brazil?\nAnswer:",
+                                      add_special_tokens=False))
+    assert all(mask[n_prompt:])
+    batch = make_batch([ids], [mask], [[0]], tok.pad_id or 0)
+    x, y = batch[0], batch[1]
+    assert (y[0, :n_prompt - 1] == -100).all() and (y[0, n_prompt - 1:] != -100).all()
+    with torch.no_grad():
+        logits = model(x)
+        want = F.cross_entropy(logits[0, n_prompt - 1:], torch.tensor(ids[n_prompt:]))
+        got = sft_loss(model, batch)
+    assert torch.allclose(got, want, atol=1e-6)
+
+    # A different prompt target: the same answer after another question, whose prompt tokens
+    # are given their own targets; the answer loss is what it is, whatever the prompt's targets.
+    everything = make_batch([ids], [[1] * len(ids)], [[0]], tok.pad_id or 0)
+    with torch.no_grad():
+        per_token = token_losses(model, everything)[0]
+        answer_only = token_losses(model, batch)[0]
+    assert torch.allclose(per_token[n_prompt - 1:], answer_only[n_prompt - 1:])
+    assert (answer_only[:n_prompt - 1] == 0).all() and (per_token[:n_prompt - 1] > 0).all()
+
+
+@pytest.mark.parametrize("kw", [dict(position="learned"),
+                                dict(position="rope", norm="rmsnorm", activation="swiglu",
+                                     n_kv_heads=2)])
+def test_a_packed_example_has_the_loss_it_has_alone(tok, kw):
+    model = _decoder(tok, **kw)
+    template = default_template(tok)
+    examples = [_qa("Capital of Brazil?", "Brasília"), _qa("2+2?", "4"),
+                _qa("Capital of Portugal?", "Lisboa")]
+    enc = encode_sft(examples, tok, template, max_length=128)
+    pad = tok.pad_id or 0
+    packed = make_batch(enc.ids, enc.masks, [[0, 1, 2]], pad)
+    with torch.no_grad():
+        together = token_losses(model, packed)[0]
+        start = 0
+        for i in range(3):
+            n = len(enc.ids[i]) - 1
+            alone = token_losses(model, make_batch(enc.ids, enc.masks, [[i]], pad))[0]
+            assert (together[start:start + n] - alone).abs().max() <= 1e-5
+            start += n
+    # and the mean over the packed row is the mean over the three answers' tokens
+    with torch.no_grad():
+        assert torch.allclose(sft_loss(model, packed),
+                              together.sum() / (packed[1] != -100).sum())
+
+
+def test_batches_resume_where_they_stopped(tok):
+    template = default_template(tok)
+    enc = encode_sft([_qa(f"q{i}?", f"a{i}") for i in range(10)], tok, template, 64)
+    a = SFTBatches(enc, 3, 0, seed=1, packing=True, max_length=40)
+    for _ in range(5):
+        next(a)
+    b = SFTBatches(enc, 3, 0, seed=1, packing=True, max_length=40)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    for _ in range(4):
+        assert all(torch.equal(s, t) for s, t in zip(next(a), next(b), strict=True))
+
+
+# ---------------------------------------------------------------------- the run
+
+FACTS = [("Capital of Brazil?", "Brasília"), ("Capital of Portugal?", "Lisboa"),
+         ("Capital of France?", "Paris"), ("Capital of Peru?", "Lima"),
+         ("Capital of Chile?", "Santiago"), ("Capital of Spain?", "Madrid")]
+
+
+def test_sft_trains_a_decoder_and_saves_it_with_its_template(tok, tmp_path):
+    model = _decoder(tok)
+    examples = [_qa(q, a) for q, a in FACTS * 4]
+    settings = SFTSettings(max_steps=30, batch_size=4, lr=3e-3, packing=True, progress=False,
+                           precision="fp32")
+    result = finetune_sft(model, tok, examples, examples[:6], settings, out=tmp_path / "run")
+    losses = [r["val_loss"] for r in result.history if "val_loss" in r]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "run" / "chat_template.jinja").is_file()
+    loaded, _ = qkv.load(tmp_path / "run")
+    assert loaded.config == model.config
+
+
+def test_sft_with_lora_writes_an_adapter(tok, tmp_path):
+    base = _decoder(tok)
+    qkv.save(base, tok, tmp_path / "base")
+    examples = [_qa(q, a) for q, a in FACTS * 2]
+    settings = SFTSettings(max_steps=6, batch_size=4, lr=1e-2, lora_rank=4, progress=False,
+                           precision="fp32")
+    model = _decoder(tok)
+    result = finetune_sft(model, tok, examples, examples[:4], settings, out=tmp_path / "lora",
+                          base=str(tmp_path / "base"))
+    assert 0 < result.trainable < model.num_parameters() / 5
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    again, _ = qkv.load(tmp_path / "lora")
+    ids = torch.tensor([tok.encode("Question: Capital of Peru?\nAnswer:",
+                                   add_special_tokens=False)])
+    with torch.no_grad():
+        assert (again(ids) - result.model(ids)).abs().max() <= 1e-5
+
+
+def test_sft_on_an_encoder_is_refused(tok, tmp_path, capsys):
+    encoder = qkv.Transformer(tiny_config("encoder", vocab_size=tok.vocab_size))
+    with pytest.raises(InputError, match="decoder"):
+        finetune_sft(encoder, tok, [_qa("q?", "a")] * 4, settings=SFTSettings(progress=False))
+    qkv.save(encoder, tok, tmp_path / "enc")
+    data = _write(tmp_path / "d.jsonl", [{"question": "q?", "answer": "a"}] * 4)
+    code = cli(["finetune", "sft", "--model", str(tmp_path / "enc"), "--data", data,
+                "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "encoder" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_sft_runs_on_a_hugging_face_directory_and_uses_its_template(tok, tmp_path, capsys):
+    model = _decoder(tok, position="learned", activation="gelu_tanh")
+    qkv.save(model, tok, tmp_path / "hf", format="hf")  # a GPT-2 directory
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{{ m.role[0] + ':' + m.content + '\n' }}"
+                               "{% endfor %}{% if add_generation_prompt %}a:{% endif %}")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(config))
+    data = _write(tmp_path / "d.jsonl", [{"question": q, "answer": a} for q, a in FACTS])
+    code = cli(["finetune", "sft", "--model", str(tmp_path / "hf"), "--data", data, "--out",
+                str(tmp_path / "out"), "--max-steps", "3", "--batch-size", "2", "--lora-rank",
+                "2", "--no-progress", "--precision", "fp32"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "trainable parameters:" in captured.err
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == config["chat_template"]
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["trainable"] > 0
