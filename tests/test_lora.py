@@ -187,6 +187,9 @@ def test_qkv_merge_writes_a_plain_model(tmp_path, capsys):
     assert (_run(merged) - want).abs().max() <= TOL
     assert cli(["merge", str(tmp_path / "base"), str(tmp_path / "x")]) == 2
     assert "not a LoRA adapter" in capsys.readouterr().err
+    assert cli(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 2
+    assert "--overwrite" in capsys.readouterr().err  # a model there is never replaced silently
+    assert cli(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--overwrite"]) == 0
 
 
 # ---------------------------------------------------------------------- peft interop

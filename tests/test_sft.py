@@ -244,3 +244,9 @@ def test_sft_runs_on_a_hugging_face_directory_and_uses_its_template(tok, tmp_pat
     assert (tmp_path / "out" / "chat_template.jinja").read_text() == config["chat_template"]
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert summary["steps"] == 3 and summary["trainable"] > 0
+    adapter = (tmp_path / "out" / "adapter_model.safetensors").read_bytes()
+    again = cli(["finetune", "sft", "--model", str(tmp_path / "hf"), "--data", data, "--out",
+                 str(tmp_path / "out"), "--max-steps", "3", "--no-progress"])
+    err = capsys.readouterr().err
+    assert again == 2 and "already holds a model" in err and "--overwrite" in err
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == adapter  # untouched

@@ -168,6 +168,8 @@ def register_sft(tasks: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out exactly (repeat its other flags)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the model already in --out (without it, that is refused)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_lora_arguments(s)
     s.set_defaults(func=run_sft)
@@ -185,7 +187,7 @@ def run_sft(args: argparse.Namespace) -> int:
         progress=not args.no_progress)
     result = finetune_sft_files(args.model, args.data, args.dev, args.out, settings,
                                 str(resolve_device(args.device)), args.resume,
-                                args.chat_template)
+                                args.chat_template, overwrite=args.overwrite)
     if result.stopped_by in ("SIGINT", "SIGTERM"):
         print(f"qkv finetune: stopped at step {result.steps}; resume with the same command and "
               f"--resume (--out {shlex.quote(str(result.out))})", file=sys.stderr)

@@ -28,10 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("adapter", help="adapter directory (adapter_config.json)")
-    p.add_argument("out", help="directory to write (must be empty or absent, unless --force)")
+    p.add_argument("out", help="directory to write (must be empty or absent, unless --overwrite)")
     p.add_argument("--base", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--to", choices=("qkv", "hf"), default="qkv", help="output format")
-    p.add_argument("--force", action="store_true", help="write into a non-empty OUT")
+    p.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
+                   help="write into a non-empty OUT (replacing a model there)")
     p.set_defaults(func=run)
 
 
@@ -41,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json)")
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise InputError(f"{out} is not empty; pass --force to write into it")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise InputError(f"{out} is not empty; pass --overwrite to write into it")
     model, tokenizer = load_with_adapter(adapter, args.base)
     merge_lora(model)
     save(model, tokenizer, out, format=args.to)

@@ -42,7 +42,7 @@ from ..data.sft import (
 )
 from ..errors import InputError
 from ..hardware import autocast, resolve_precision
-from ..io import atomic_write_text
+from ..io import atomic_write_text, check_new_output
 from ..lora import apply_lora, describe_trainable, save_adapter
 from ..model import Transformer
 from ..tokenizer import Tokenizer
@@ -185,11 +185,13 @@ def finetune_sft(model: Transformer, tokenizer: Tokenizer,
                  settings: SFTSettings | None = None, out: str | Path | None = None,
                  resume: bool = False, template: ChatTemplate | None = None,
                  base: str | None = None,
-                 callback: Callable[[dict[str, Any]], None] | None = None) -> SFTResult:
+                 callback: Callable[[dict[str, Any]], None] | None = None,
+                 overwrite: bool = False) -> SFTResult:
     """Fine-tune a decoder on examples; return the best model (lowest validation loss).
 
     `out` receives the best model (or, with LoRA, the adapter), its chat template, log.jsonl and
-    training/ (exact resume). Without `dev`, `val_fraction` of the examples are held out."""
+    training/ (exact resume). Without `dev`, `val_fraction` of the examples are held out. A
+    model already in `out` is replaced only with `overwrite=True` (or continued with `resume`)."""
     s = settings or SFTSettings()
     s.check()
     t0 = time.perf_counter()
@@ -237,7 +239,7 @@ def finetune_sft(model: Transformer, tokenizer: Tokenizer,
         name="sft")
     out = Path(out) if out is not None else None
     if out is not None and not resume:
-        out.mkdir(parents=True, exist_ok=True)
+        check_new_output(out, overwrite)
         if s.lora_rank is None:
             model.config.to_json(out / CONFIG)
         tokenizer.save(out / TOKENIZER)
@@ -264,10 +266,12 @@ def finetune_sft(model: Transformer, tokenizer: Tokenizer,
 def finetune_sft_files(model: str | Path, data: str | Path, dev: str | Path | None = None,
                        out: str | Path | None = None, settings: SFTSettings | None = None,
                        device: str = "cpu", resume: bool = False,
-                       template: str | Path | None = None) -> SFTResult:
+                       template: str | Path | None = None, overwrite: bool = False) -> SFTResult:
     """:func:`finetune_sft` from files: the model (a directory or name), a JSONL file of
     examples (skipped rows are reported), an optional dev file, an optional template file."""
     s = settings or SFTSettings()
+    if out is not None and not resume:
+        check_new_output(out, overwrite)  # before any work: a model is never replaced by accident
     train = read_sft(data)
     dev_data = read_sft(dev) if dev is not None else None
     for d in (train, dev_data):
@@ -286,7 +290,7 @@ def finetune_sft_files(model: str | Path, data: str | Path, dev: str | Path | No
     else:
         chat = template_for(model, tokenizer)
     return finetune_sft(net, tokenizer, train, dev_data, s, out, resume, chat,
-                        base=str(model))
+                        base=str(model), overwrite=overwrite)
 
 
 __all__ = ["SFTResult", "SFTSettings", "finetune_sft", "finetune_sft_files", "segment_mask",
