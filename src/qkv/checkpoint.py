@@ -29,12 +29,13 @@ from .io import (
     read_config_json,
     read_safetensors,
 )
+from .lora import adapter_base, load_adapter
 from .model import Transformer, upgrade_state_dict
 from .quantize import is_quantized
 from .tokenizer import Tokenizer
 
 __all__ = ["CONFIG", "TOKENIZER", "WEIGHTS", "is_model_dir", "load", "load_weights",
-           "read_config_json", "read_safetensors", "save", "save_weights"]
+           "load_with_adapter", "read_config_json", "read_safetensors", "save", "save_weights"]
 
 
 def save_weights(model: torch.nn.Module, path: Path, tied: dict[str, str] | None = None,
@@ -93,6 +94,16 @@ def is_model_dir(path: str | Path) -> bool:
     return (Path(path) / CONFIG).is_file()
 
 
+def load_with_adapter(adapter: str | Path, base: str | Path | None = None,
+                      device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
+    """(base model + LoRA adapter, tokenizer) in one call; the base is `base`, or the one the
+    adapter names (qkv.lora.adapter_base)."""
+    model, tokenizer = load(adapter_base(adapter, base), device=device, dtype=dtype)
+    model = load_adapter(model, Path(adapter)).to(device=device)
+    return model.eval(), tokenizer
+
+
 def load(path: str | Path, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
     """Load a qkv model directory, or a Hugging Face one, as (model, tokenizer or None).
@@ -107,9 +118,7 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     if not path.exists():
         path = resolve(str(path))
     if (path / "adapter_config.json").is_file() and not (path / CONFIG).is_file():
-        from .lora import load_with_adapter  # a LoRA adapter: its base model, then the adapter
-
-        return load_with_adapter(path, device=device, dtype=dtype)
+        return load_with_adapter(path, device=device, dtype=dtype)  # a LoRA adapter
     data = read_config_json(path)
     if "model_type" in data:  # a Hugging Face checkpoint
         model, tokenizer = load_hf(path)

@@ -40,7 +40,6 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .checkpoint import load as load_model_dir
 from .errors import CheckpointError, InputError, UnsupportedModelError
 from .hf import architecture_for
 from .io import atomic_write_safetensors, atomic_write_text, read_safetensors
@@ -48,7 +47,6 @@ from .layers.attention import CrossAttention, SelfAttention
 from .layers.feedforward import FeedForward, GatedFeedForward
 from .layers.lora import LoRALinear, Part
 from .model import Transformer
-from .tokenizer import Tokenizer
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -482,21 +480,18 @@ def _with_head(model: Transformer, labels: list[str], pooling: Any,
     return new.eval()
 
 
-def load_with_adapter(adapter: str | Path, base: str | Path | None = None,
-                      device: str | torch.device = "cpu",
-                      dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
-    """(base model + adapter, tokenizer) in one call. The base is `base`, or the adapter's
-    base_model_name_or_path (a directory, relative to the adapter's folder or to here, or a
-    name such as all-MiniLM-L6-v2)."""
+def adapter_base(adapter: str | Path, base: str | Path | None = None) -> str | Path:
+    """The base model of an adapter: `base`, or the adapter's base_model_name_or_path (a
+    directory, relative to the adapter's folder or to here, or a name such as
+    all-MiniLM-L6-v2). `qkv.load(adapter)` loads it, then the adapter."""
     adapter = Path(adapter)
+    if base is not None:
+        return base
     config = _read_json(adapter / ADAPTER_CONFIG)
-    if base is None:
-        base = config.get("base_model_name_or_path")
-        if not isinstance(base, str) or not base:
-            raise CheckpointError(f"{adapter / ADAPTER_CONFIG} names no base model "
-                                  "(base_model_name_or_path); pass the base model too")
-        if not Path(base).exists() and (adapter / base).exists():
-            base = adapter / base
-    model, tokenizer = load_model_dir(base, device=device, dtype=dtype)
-    model = load_adapter(model, adapter).to(device=device)
-    return model.eval(), tokenizer
+    named = config.get("base_model_name_or_path")
+    if not isinstance(named, str) or not named:
+        raise CheckpointError(f"{adapter / ADAPTER_CONFIG} names no base model "
+                              "(base_model_name_or_path); pass the base model too")
+    if not Path(named).exists() and (adapter / named).exists():
+        return adapter / named
+    return named

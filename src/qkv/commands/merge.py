@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 
 from ..chat import TEMPLATE_FILE
-from ..checkpoint import save
+from ..checkpoint import load_with_adapter, save
 from ..errors import InputError
-from ..lora import is_adapter_dir, load_with_adapter, merge_lora
+from ..lora import is_adapter_dir, merge_lora
 from .info import describe
 
 ORDER = 41
