@@ -22,6 +22,19 @@ BUNDLED = CORPORA / "tiny_shakespeare.txt"
 CHUNK_BYTES = 1 << 20  # read files a megabyte at a time
 
 
+def read_text_file(path: Path) -> str:
+    """The whole text of a (small) UTF-8 file such as a labelled or Q/A data file, a byte-order
+    mark dropped; InputError naming the file (and the line) if it is missing or not UTF-8."""
+    if not path.is_file():
+        raise InputError(f"file {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(f"{path} is not valid UTF-8 text (line {line})") from None
+
+
 def corpus_files(path: str | Path | None = None) -> list[Path]:
     """The files of a corpus: [path] for a file, the sorted files under a folder, or the bundled
     tiny Shakespeare for None. Raises InputError for a missing path or an empty folder."""

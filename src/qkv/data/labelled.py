@@ -24,6 +24,7 @@ import torch
 from ..batching import bucketed_batches, pad_id, pad_rows
 from ..errors import InputError
 from ..tokenizer import Tokenizer
+from .corpus import read_text_file
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -56,14 +57,7 @@ def read_labelled(path: str | Path, text_column: str = "sentence",
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise InputError(f"{path}: unknown file type {path.suffix!r}; use .tsv, .csv or .jsonl")
-    if not path.is_file():
-        raise InputError(f"file {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise InputError(f"{path} is not valid UTF-8 text (line {line})") from None
+    text = read_text_file(path)
     if kind == "jsonl":
         columns, records = None, _jsonl_records(path, text)
     else:

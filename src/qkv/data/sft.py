@@ -31,6 +31,7 @@ import torch
 from ..chat import ChatTemplate, check_messages
 from ..errors import InputError
 from ..tokenizer import Tokenizer
+from .corpus import read_text_file
 
 #: The chat template of a model that brings none: a question and its answer, each on a line.
 #:
@@ -130,14 +131,7 @@ def read_sft(path: str | Path) -> SFTData:
     """Read a JSONL file of examples. Malformed JSON is an InputError naming the line; rows of
     the wrong shape are skipped and counted (SFTData.report); no usable row is an InputError."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"file {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise InputError(f"{path} is not valid UTF-8 text (line {line})") from None
+    text = read_text_file(path)
     data = SFTData([], source=str(path))
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
