@@ -250,3 +250,27 @@ def test_sft_runs_on_a_hugging_face_directory_and_uses_its_template(tok, tmp_pat
     err = capsys.readouterr().err
     assert again == 2 and "already holds a model" in err and "--overwrite" in err
     assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == adapter  # untouched
+
+
+def test_losses_split_over_ranks_weighted_by_the_objective_add_up_to_the_whole(tok):
+    """Under several processes each rank takes some rows; its mean loss is weighted by
+    objective.weight, which must count the answer tokens that sft_loss averages over."""
+    from qkv.data.sft import Encoded
+    from qkv.tasks.sft import sft_objective
+    from qkv.train.distributed import shard
+
+    model = _decoder(tok)
+    pairs = [_qa("Capital of Brazil?", "Brasília"), _qa("Capital of Peru, the country?", "Lima")]
+    encoded = [encode_example(p, tok, default_template(tok)) for p in pairs]
+    data = Encoded([e[0] for e in encoded], [e[1] for e in encoded])
+    settings = SFTSettings(batch_size=2, packing=False, progress=False)
+    objective = sft_objective(data, data, tok.pad_id or 0, settings, 64, torch.device("cpu"),
+                              "fp32")
+    batch = make_batch(data.ids, data.masks, [[0], [1]], tok.pad_id or 0)
+    with torch.no_grad():
+        whole = sft_loss(model, batch)
+        parts = []
+        for rank in range(2):
+            rows, scale = shard(batch, objective.weight, rank, 2)
+            parts.append(sft_loss(model, rows) * scale)
+    assert torch.allclose(sum(parts) / 2, whole, atol=1e-6)

@@ -175,6 +175,7 @@ def sft_objective(train: Encoded, val: Encoded, pad: int, settings: SFTSettings,
     return Objective(
         batches=batches, loss=sft_loss, evaluate=evaluate, best=[("val_loss", "min")],
         unit="tokens", count=lambda batch: int((batch[3] > 0).sum()),
+        weight=lambda batch: float((batch[1] != -100).sum()),  # the answer tokens sft_loss means
         eval_due=lambda step: step % max(1, batches.per_epoch // settings.grad_accum) == 0,
         progress=lambda: {"epoch": round(batches.epoch + batches.index / batches.per_epoch, 3)})
 

@@ -467,6 +467,7 @@ def train_translation(s: TranslateSettings, out: str | Path | None = None, resum
         loss=lambda m, batch: translation_loss(m, batch, pad, s.label_smoothing),
         evaluate=lambda m: evaluation(m, val_pairs, val_data, tokenizer, s, pad, precision),
         best=best, unit="tokens", count=lambda batch: int(batch[3].sum()),
+        weight=lambda batch: float((batch[2][:, 1:] != pad).sum()),  # the targets the loss means
         progress=lambda: {"epoch": round(batches.progress, 3)})
     optimizer = make_optimizer(model, s.lr, s.weight_decay, betas=(0.9, 0.98),
                                fused=device.type in ("cpu", "cuda"))
