@@ -12,10 +12,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 import qkv
-from explain_util import decoder, encoder, seq2seq
+from explain_util import decoder, encoder, rnn, save_rnn, seq2seq
 from qkv.cli import main
 from qkv.explain import alignment, capture, draw_next, plots
-from qkv.explain.app import explain_router
+from qkv.explain.app import create_app, explain_router
 from qkv.explain.capture import replay_steps
 from qkv.generate import decode_tokens, generate_seq2seq, sample_next
 
@@ -183,6 +183,66 @@ def test_encoder_decoder_cross_attention_is_the_alignment():
     assert given.target_tokens == [tok.id_to_token(tok.bos_id)] + list("salut")
     assert plots.axes_tokens(given, "decoder.layers.1.cross_attn") == (given.target_tokens,
                                                                        given.tokens)
+
+
+def test_rnn_bahdanau_alignment_is_the_recorded_attention():
+    model, tok = rnn()
+    cap = capture(model, tok, "hello world")
+    assert cap.family == "rnn" and cap.layers() == ["attention"]
+    assert cap.ids == tok.encode("hello world", add_special_tokens=False) + [tok.eos_id]
+    src = torch.tensor([cap.ids])
+    assert cap.target_ids == [tok.bos_id] + generate_seq2seq(model, src, max_new_tokens=48)[0]
+    w = cap.attention["attention"]  # (1, T, S)
+    assert w.shape == (1, len(cap.target_ids), len(cap.ids))
+    assert torch.allclose(w.sum(-1), torch.ones(1, len(cap.target_ids)), atol=1e-6)
+    assert cap.logits is not None and cap.logits.shape == (len(cap.target_ids), tok.vocab_size)
+    # the same weights as record_attention gives, here in a padded batch with a longer source:
+    # real source positions equal, padding exactly 0
+    given = capture(model, tok, "hi", target="salut")
+    assert given.target_tokens == [tok.id_to_token(tok.bos_id)] + list("salut")
+    longer = tok.encode("a much longer sentence", add_special_tokens=False) + [tok.eos_id]
+    S = len(longer)
+    src = torch.tensor([given.ids + [tok.pad_id] * (S - len(given.ids)), longer])  # (2, S)
+    mask = (torch.arange(S)[None] < torch.tensor([[len(given.ids)], [S]])).long()  # (2, S)
+    tgt = torch.tensor([given.target_ids] * 2)
+    with qkv.record_attention(model) as maps:
+        model(src, tgt, src_mask=mask)
+    batch = torch.cat(maps["attention"], dim=2)  # (2, 1, T, S)
+    n = len(given.ids)
+    assert torch.allclose(batch[0, :, :, :n], given.attention["attention"], atol=1e-6)
+    assert torch.all(batch[0, :, :, n:] == 0)
+    assert torch.equal(given.stages("attention", 0)["weights"], given.attention["attention"][0])
+    assert plots.axes_tokens(given, "attention") == (given.target_tokens, given.tokens)
+    model.config.attention = False  # a model without attention has nothing to align
+    try:
+        with pytest.raises(qkv.InputError, match="no attention"):
+            capture(model, tok, "hi")
+    finally:
+        model.config.attention = True
+
+
+def test_rnn_directory_through_the_commands(tmp_path, capsys):
+    model, tok = rnn()
+    save_rnn(model, tok, tmp_path / "rnn")
+    loaded, _ = qkv.explain.load_model(tmp_path / "rnn")
+    assert torch.equal(capture(loaded, tok, "hi").attention["attention"],
+                       capture(model, tok, "hi").attention["attention"])
+    out = tmp_path / "align.png"
+    assert main(["attention", str(tmp_path / "rnn"), "hello", "--out", str(out), "--list",
+                 "--target", "salut"]) == 0
+    printed = capsys.readouterr().out
+    assert "attention  (1, 6, 6)" in printed and out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["attention", str(tmp_path / "rnn"), "hello", "--out", str(tmp_path / "h.svg"),
+                 "--layer", "attention", "--head", "0"]) == 0
+    client = TestClient(create_app((loaded, tok)))
+    info = client.get("/explain/api/model").json()
+    assert info["family"] == "rnn" and info["cell"] == "gru" and info["attention"] is True
+    cap = client.post("/explain/api/capture", json={"text": "hello", "target": "salut"}).json()
+    assert cap["family"] == "rnn" and cap["layers"][0]["cross"] is True
+    w = _floats(client.get(f"/explain/api/{cap['id']}/attention",
+                           params={"layer": "attention", "head": "0"}))
+    assert w.shape == (6, 6) and np.allclose(w.sum(-1), 1, atol=1e-6)
+    assert client.get(f"/explain/api/{cap['id']}/export.html").status_code == 200
 
 
 def test_alignment_of_any_model(tmp_path):

@@ -19,7 +19,7 @@ import torch
 from fastapi import FastAPI
 
 import qkv
-from explain_util import decoder, encoder, live, seq2seq
+from explain_util import decoder, encoder, live, rnn, seq2seq
 from qkv.explain import alignment, capture
 from qkv.explain.app import Explainer, explain_router
 from qkv.generate import decode_tokens
@@ -33,7 +33,7 @@ TEXT = "the cat sat on it"
 def models():
     from qkv.hub import packaged_minilm_path
 
-    return {"/explain": decoder(), "/enc": encoder(), "/s2s": seq2seq(),
+    return {"/explain": decoder(), "/enc": encoder(), "/s2s": seq2seq(), "/rnn": rnn(),
             "/minilm": qkv.load(packaged_minilm_path())}
 
 
@@ -310,6 +310,25 @@ def test_encoder_decoder_cross_attention(page, server, models, shots):
     assert shown.shape == (len(ref.tokens),)
     assert torch.allclose(shown, expected, atol=1e-6, rtol=0)
     shoot(page, shots, "view-head", "view-head-cross")
+
+
+def test_recurrent_translator_bahdanau_alignment(page, server, models, shots):
+    """An LSTM/GRU translator's page: run a source and a target, and its additive attention is
+    the cross-attention view; the pinned target token's row is the recorded weights."""
+    model, tok = models["/rnn"]
+    open_page(page, server, "/rnn")
+    assert page.locator("#model-info").text_content().startswith("rnn · GRU")
+    rerun(page, "hello", target="salut")
+    ref = capture(model, tok, "hello", target="salut")
+    assert page.eval_on_selector_all("#layer option", "o => o.map(e => e.textContent)") == [
+        "attention"]
+    assert page.locator("#tokens .tok").count() == len(ref.tokens)
+    page.click("#target-tokens .tok[data-index='2']")
+    pick(page, 0, "0", "weights")
+    shown = torch.tensor(row_values(page))
+    assert torch.allclose(shown, ref.attention["attention"][0, 2], atol=1e-6, rtol=0)
+    assert page.locator("#view-embeddings").is_hidden() and page.locator("#run-form").is_visible()
+    shoot(page, shots, "view-head", "view-head-rnn")
 
 
 # ---------------------------------------------------------------------- exports

@@ -153,10 +153,13 @@
     return cols;
   }
 
+  // a capture with only attention weights: a bare alignment, or a recurrent translator's
+  function bare(c) { return c.family === "alignment" || c.family === "rnn"; }
+
   // query / key tokens (and ids) of an attention layer
   function axes(layer) {
     const c = S.cap, encdec = c.family === "encoder-decoder";
-    const inDecoder = (encdec && layer.stack === "decoder") || c.family === "alignment";
+    const inDecoder = (encdec && layer.stack === "decoder") || bare(c);
     const q = inDecoder ? [c.target_tokens, c.target_ids] : [c.tokens, c.ids];
     const k = layer.cross || !inDecoder ? [c.tokens, c.ids] : [c.target_tokens, c.target_ids];
     return { qTok: q[0], qIds: q[1], kTok: k[0], kIds: k[1] };
@@ -407,7 +410,7 @@
   // ------------------------------------------------------------------ output distribution
   function fillPositions() {
     const c = S.cap, n = c.logit_positions;
-    const names = c.family === "encoder-decoder" ? c.target_tokens : c.tokens;
+    const names = c.family === "encoder-decoder" || c.family === "rnn" ? c.target_tokens : c.tokens;
     const opts = [...Array(n).keys()].map((i) => [i, i + ": " + show(names[i])]);
     let chosen = n - 1;
     if (c.fill_mask.length) chosen = c.fill_mask[0].position;
@@ -564,7 +567,7 @@
     renderEmbeddings();
     fillHeadControls();
     const decoder = cap.family === "decoder";
-    if (cap.family === "alignment") { // a bare matrix: only the attention views apply
+    if (bare(cap)) { // an alignment matrix (or an RNN's): only the attention views apply
       for (const v of ["view-embeddings", "view-ffn", "view-residual", "view-lens"]) $(v).hidden = true;
     }
     $("view-output").hidden = !cap.logit_positions;
@@ -642,9 +645,12 @@
     }
     S.model = await api("model");
     const m = S.model;
-    $("model-info").textContent = `${m.family} · ${m.n_encoder_layers + m.n_decoder_layers} layers · ` +
-      `${m.n_heads} heads · d_model ${m.d_model} · ${m.position} positions · context ${m.max_seq_len}`;
-    $("target").hidden = m.family !== "encoder-decoder";
+    $("model-info").textContent = m.family === "rnn"
+      ? `rnn · ${m.cell.toUpperCase()} · ${m.n_layers} layers · d_hidden ${m.d_hidden} · ` +
+        `${m.attention ? "Bahdanau attention" : "no attention"}`
+      : `${m.family} · ${m.n_encoder_layers + m.n_decoder_layers} layers · ` +
+        `${m.n_heads} heads · d_model ${m.d_model} · ${m.position} positions · context ${m.max_seq_len}`;
+    $("target").hidden = m.family !== "encoder-decoder" && m.family !== "rnn";
     if (m.family === "encoder" && m.mask_id !== null) {
       $("text").value = "The animal didn't cross the [MASK] because it was too tired";
     }
