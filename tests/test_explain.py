@@ -431,3 +431,72 @@ def test_qkv_explain_mistakes_are_one_line(saved_models, tmp_path, capsys):
     assert main(["explain", str(tmp_path / "bare")]) == 2
     err = capsys.readouterr().err.strip()
     assert "no tokenizer.json" in err and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------- Hugging Face directories
+
+def _hf_model(kind: str, vocab: int, tok):
+    """A tiny random transformers model of `kind`, eager attention so it can return its maps;
+    a large init spread so that the maps are far from uniform."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(4)
+    common = dict(vocab_size=vocab, attn_implementation="eager")
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64,
+                                      initializer_range=0.4, bos_token_id=tok.bos_id,
+                                      eos_token_id=tok.eos_id, **common)
+        return transformers.GPT2LMHeadModel(cfg)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=48,
+                                       max_position_embeddings=64, initializer_range=0.4,
+                                       bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                                       **common)
+        return transformers.LlamaForCausalLM(cfg)
+    if kind == "bert":
+        cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                      intermediate_size=48, max_position_embeddings=64,
+                                      initializer_range=0.4, **common)
+        return transformers.BertForMaskedLM(cfg)
+    cfg = transformers.MarianConfig(d_model=32, encoder_layers=2, decoder_layers=2,
+                                    encoder_attention_heads=4, decoder_attention_heads=4,
+                                    encoder_ffn_dim=48, decoder_ffn_dim=48,
+                                    max_position_embeddings=64, init_std=0.4,
+                                    pad_token_id=tok.pad_id, eos_token_id=tok.eos_id,
+                                    decoder_start_token_id=tok.pad_id, forced_eos_token_id=None,
+                                    **common)
+    hf = transformers.MarianMTModel(cfg)
+    with torch.no_grad():  # one table for both stacks, as qkv (and a saved Marian) has
+        hf.model.decoder.embed_tokens.weight.copy_(hf.model.encoder.embed_tokens.weight)
+    return hf
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert", "marian"])
+def test_hugging_face_directories(kind, tmp_path):
+    """A random GPT-2, Llama, BERT and Marian saved by transformers (safetensors) with a
+    tokenizer.json: qkv.load reads the directory and every captured map is transformers' own
+    (output_attentions), each row summing to 1."""
+    from explain_util import char_tokenizer
+
+    tok = char_tokenizer()
+    hf = _hf_model(kind, tok.vocab_size, tok).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save(tmp_path / "tokenizer.json")
+    model, loaded_tok = qkv.load(tmp_path)
+    assert loaded_tok is not None
+    cap = capture(model, loaded_tok, "the cat sat", target="le chat" if kind == "marian" else None)
+    ids = torch.tensor([cap.ids])
+    with torch.no_grad():
+        if kind == "marian":  # in the order the model runs them: encoder, then self, cross
+            out = hf(input_ids=ids, decoder_input_ids=torch.tensor([cap.target_ids]),
+                     output_attentions=True)
+            want = [*out.encoder_attentions,
+                    *(m for pair in zip(out.decoder_attentions, out.cross_attentions,
+                                        strict=True) for m in pair)]
+        else:
+            want = list(hf(input_ids=ids, output_attentions=True).attentions)
+    assert len(cap.layers()) == len(want) == (6 if kind == "marian" else 2)
+    for (name, w), hf_w in zip(cap.attention.items(), want, strict=True):
+        assert torch.allclose(w.sum(-1), torch.ones(w.shape[:2]), atol=1e-5), name
+        assert torch.allclose(w, hf_w[0].float(), atol=1e-5), name
+        assert w.std() > 0.01  # the spread-out init: maps far from uniform
