@@ -131,9 +131,28 @@ def test_tokens_embeddings_and_overview(page, server, models, shots):
         "#tokens .tok sub", "s => s.map(e => e.textContent)")] == ids
     assert page.get_attribute("#overview", "data-drawn") == "8"  # 2 layers x 4 heads
     assert page.eval_on_selector("#embed-canvas", "c => c.width") > 10
+    # hovering a map names it and reads the cell under the pointer (17 tokens: not pooled)
+    box = page.locator("#overview").bounding_box()
+    assert box is not None
+    scale = box["width"] / page.eval_on_selector("#overview", "c => c.width")
+    x, y = (2 * 76 + 30) * scale, (1 * 76 + 50) * scale  # layer 1, head 2: tile pixel (30, 50)
+    page.locator("#overview").hover(position={"x": x, "y": y})
+    ro = page.locator("#overview-readout")
+    assert ro.get_attribute("data-layer") == "decoder.layers.1.self_attn"
+    assert ro.get_attribute("data-head") == "2" and ro.get_attribute("data-pooled") == "false"
+    i, j = int(ro.get_attribute("data-i") or -1), int(ro.get_attribute("data-j") or -1)
+    assert (i, j) == (50 * len(TEXT) // 72, 30 * len(TEXT) // 72)
+    want = capture(model, tok, TEXT).attention["decoder.layers.1.self_attn"][2, i, j].item()
+    assert abs(float(ro.get_attribute("data-value") or "nan") - want) <= 1e-6
+    shoot(page, shots, "view-overview")
+    page.locator("#overview").click(position={"x": x, "y": y})
+    page.wait_for_function("document.getElementById('head-canvas').dataset.head === '2' && "
+                           "document.getElementById('head-canvas').dataset.layer === "
+                           "'decoder.layers.1.self_attn'")
+    page.mouse.move(0, 0)
+    assert ro.text_content() == "hover a map"
     shoot(page, shots, "view-tokens")
     shoot(page, shots, "view-embeddings")
-    shoot(page, shots, "view-overview")
 
 
 def pick(page, layer: int, head: str, stage: str) -> None:
