@@ -5,6 +5,8 @@ The page itself is tested in a real browser in test_explain_browser.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from fastapi.testclient import TestClient
 
 import qkv
 from explain_util import decoder, encoder, rnn, save_rnn, seq2seq
+from qkv.baselines import RNNTranslator
 from qkv.cli import main
 from qkv.explain import alignment, capture, draw_next, plots
 from qkv.explain.app import create_app, explain_router
@@ -243,6 +246,12 @@ def test_rnn_directory_through_the_commands(tmp_path, capsys):
                            params={"layer": "attention", "head": "0"}))
     assert w.shape == (6, 6) and np.allclose(w.sum(-1), 1, atol=1e-6)
     assert client.get(f"/explain/api/{cap['id']}/export.html").status_code == 200
+    plain = RNNTranslator(dataclasses.replace(model.config, attention=False))
+    save_rnn(plain, tok, tmp_path / "plain")  # without attention: one line, exit status 2
+    capsys.readouterr()
+    assert main(["explain", str(tmp_path / "plain")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "without attention" in err and len(err.splitlines()) == 1
 
 
 def test_alignment_of_any_model(tmp_path):

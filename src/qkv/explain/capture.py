@@ -352,7 +352,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"
     if (folder / CONFIG).is_file() and read_config_json(folder).get("family") == "rnn":
         from ..tasks.translate import load_translator  # only for this family: it pulls in train
 
-        return load_translator(folder, device)
+        rnn, tok = load_translator(folder, device)
+        if not rnn.config.attention:
+            raise InputError(f"{path} is a recurrent translator without attention (attention: "
+                             "false in its config.json): it has no alignment to show")
+        return rnn, tok
     model, tokenizer = load(path, device)
     if tokenizer is None:
         raise InputError(f"{path} has no tokenizer.json, so its text cannot be encoded")
