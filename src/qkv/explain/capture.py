@@ -353,7 +353,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"
         from ..tasks.translate import load_translator  # only for this family: it pulls in train
 
         rnn, tok = load_translator(folder, device)
-        if not rnn.config.attention:
+        if isinstance(rnn, RNNTranslator) and not rnn.config.attention:
             raise InputError(f"{path} is a recurrent translator without attention (attention: "
                              "false in its config.json): it has no alignment to show")
         return rnn, tok
