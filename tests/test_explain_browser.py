@@ -29,12 +29,32 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TEXT = "the cat sat on it"
 
 
+def hf_llama(folder: Path):
+    """A random Llama saved by transformers (safetensors) with a tokenizer.json, loaded by qkv;
+    and the transformers model, to compare its output_attentions with."""
+    transformers = pytest.importorskip("transformers")
+    from explain_util import char_tokenizer
+
+    tok = char_tokenizer()
+    torch.manual_seed(5)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, num_hidden_layers=2, hidden_size=32,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=48, max_position_embeddings=64,
+                                   initializer_range=0.4, attn_implementation="eager")
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(folder, safe_serialization=True)
+    tok.save(folder / "tokenizer.json")
+    return qkv.load(folder), hf
+
+
 @pytest.fixture(scope="module")
-def models():
+def models(tmp_path_factory):
     from qkv.hub import packaged_minilm_path
 
+    (llama, llama_tok), hf = hf_llama(tmp_path_factory.mktemp("hf-llama"))
     return {"/explain": decoder(), "/enc": encoder(), "/s2s": seq2seq(), "/rnn": rnn(),
-            "/minilm": qkv.load(packaged_minilm_path())}
+            "/minilm": qkv.load(packaged_minilm_path()), "/llama": (llama, llama_tok),
+            "hf-llama": hf}
 
 
 SOURCE, TARGET = ["the", "cat", "sat", "</s>"], ["le", "chat", "assis", "</s>"]
@@ -46,6 +66,8 @@ ALIGNMENT = torch.tensor([[0.7, 0.2, 0.05, 0.05], [0.1, 0.8, 0.05, 0.05],
 def server(models):
     app = FastAPI()
     for prefix, pair in models.items():
+        if not prefix.startswith("/"):
+            continue  # a reference model, not served
         app.include_router(explain_router(pair, prefix=prefix))
     aligned = Explainer(None, prefix="/align")  # no model: ready-made captures only
     assert aligned.add(alignment(ALIGNMENT, SOURCE, TARGET, name="bahdanau")) == "c1"
@@ -348,6 +370,21 @@ def test_recurrent_translator_bahdanau_alignment(page, server, models, shots):
     assert torch.allclose(shown, ref.attention["attention"][0, 2], atol=1e-6, rtol=0)
     assert page.locator("#view-embeddings").is_hidden() and page.locator("#run-form").is_visible()
     shoot(page, shots, "view-head", "view-head-rnn")
+
+
+def test_hugging_face_llama_directory(page, server, models):
+    """A Llama directory written by transformers: the page's numbers are transformers' own."""
+    hf = models["hf-llama"]
+    open_page(page, server, "/llama")
+    rerun(page, "the cat")
+    ids = models["/llama"][1].encode("the cat", add_special_tokens=False)
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor([ids]), output_attentions=True).attentions[1][0, 3]
+    page.click("#tokens .tok[data-index='5']")
+    pick(page, 1, "3", "weights")
+    shown = torch.tensor(row_values(page))
+    assert torch.allclose(shown, want[5], atol=1e-5, rtol=0)
+    assert abs(float(shown.sum()) - 1) < 1e-5
 
 
 # ---------------------------------------------------------------------- exports
