@@ -52,3 +52,29 @@ def seq2seq():
     with torch.no_grad():  # keep its own translations away from the end token for a while
         model.lm_head.bias[tok.eos_id] = -30.0
     return model, tok
+
+
+def rnn():
+    """A random GRU translator with Bahdanau attention over characters."""
+    from qkv.baselines import RNNConfig, RNNTranslator
+
+    tok = char_tokenizer()
+    torch.manual_seed(3)
+    cfg = RNNConfig(vocab_size=tok.vocab_size, cell="gru", attention=True, d_embed=16,
+                    d_hidden=24, n_layers=1, dropout=0.0, max_seq_len=64,
+                    pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                    decoder_start_token_id=tok.bos_id)
+    model = RNNTranslator(cfg).eval()
+    with torch.no_grad():  # its own translations run for a while before the end token
+        model.out.bias[tok.eos_id] = -30.0
+    return model, tok
+
+
+def save_rnn(model, tok, folder) -> None:
+    """Write a recurrent translator's directory as `qkv train --family rnn` does."""
+    from qkv.checkpoint import CONFIG, TOKENIZER, WEIGHTS, save_weights
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(model, folder / WEIGHTS, model.tied_weights())
+    model.config.to_json(folder / CONFIG)
+    tok.save(folder / TOKENIZER)

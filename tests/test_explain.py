@@ -5,6 +5,8 @@ The page itself is tested in a real browser in test_explain_browser.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,10 +14,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 import qkv
-from explain_util import decoder, encoder, seq2seq
+from explain_util import decoder, encoder, rnn, save_rnn, seq2seq
+from qkv.baselines import RNNTranslator
 from qkv.cli import main
 from qkv.explain import alignment, capture, draw_next, plots
-from qkv.explain.app import explain_router
+from qkv.explain.app import create_app, explain_router
 from qkv.explain.capture import replay_steps
 from qkv.generate import decode_tokens, generate_seq2seq, sample_next
 
@@ -183,6 +186,72 @@ def test_encoder_decoder_cross_attention_is_the_alignment():
     assert given.target_tokens == [tok.id_to_token(tok.bos_id)] + list("salut")
     assert plots.axes_tokens(given, "decoder.layers.1.cross_attn") == (given.target_tokens,
                                                                        given.tokens)
+
+
+def test_rnn_bahdanau_alignment_is_the_recorded_attention():
+    model, tok = rnn()
+    cap = capture(model, tok, "hello world")
+    assert cap.family == "rnn" and cap.layers() == ["attention"]
+    assert cap.ids == tok.encode("hello world", add_special_tokens=False) + [tok.eos_id]
+    src = torch.tensor([cap.ids])
+    assert cap.target_ids == [tok.bos_id] + generate_seq2seq(model, src, max_new_tokens=48)[0]
+    w = cap.attention["attention"]  # (1, T, S)
+    assert w.shape == (1, len(cap.target_ids), len(cap.ids))
+    assert torch.allclose(w.sum(-1), torch.ones(1, len(cap.target_ids)), atol=1e-6)
+    assert cap.logits is not None and cap.logits.shape == (len(cap.target_ids), tok.vocab_size)
+    # the same weights as record_attention gives, here in a padded batch with a longer source:
+    # real source positions equal, padding exactly 0
+    given = capture(model, tok, "hi", target="salut")
+    assert given.target_tokens == [tok.id_to_token(tok.bos_id)] + list("salut")
+    longer = tok.encode("a much longer sentence", add_special_tokens=False) + [tok.eos_id]
+    S = len(longer)
+    src = torch.tensor([given.ids + [tok.pad_id] * (S - len(given.ids)), longer])  # (2, S)
+    mask = (torch.arange(S)[None] < torch.tensor([[len(given.ids)], [S]])).long()  # (2, S)
+    tgt = torch.tensor([given.target_ids] * 2)
+    with qkv.record_attention(model) as maps:
+        model(src, tgt, src_mask=mask)
+    batch = torch.cat(maps["attention"], dim=2)  # (2, 1, T, S)
+    n = len(given.ids)
+    assert torch.allclose(batch[0, :, :, :n], given.attention["attention"], atol=1e-6)
+    assert torch.all(batch[0, :, :, n:] == 0)
+    assert torch.equal(given.stages("attention", 0)["weights"], given.attention["attention"][0])
+    assert plots.axes_tokens(given, "attention") == (given.target_tokens, given.tokens)
+    model.config.attention = False  # a model without attention has nothing to align
+    try:
+        with pytest.raises(qkv.InputError, match="no attention"):
+            capture(model, tok, "hi")
+    finally:
+        model.config.attention = True
+
+
+def test_rnn_directory_through_the_commands(tmp_path, capsys):
+    model, tok = rnn()
+    save_rnn(model, tok, tmp_path / "rnn")
+    loaded, _ = qkv.explain.load_model(tmp_path / "rnn")
+    assert torch.equal(capture(loaded, tok, "hi").attention["attention"],
+                       capture(model, tok, "hi").attention["attention"])
+    out = tmp_path / "align.png"
+    assert main(["attention", str(tmp_path / "rnn"), "hello", "--out", str(out), "--list",
+                 "--target", "salut"]) == 0
+    printed = capsys.readouterr().out
+    assert "attention  (1, 6, 6)" in printed and out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["attention", str(tmp_path / "rnn"), "hello", "--out", str(tmp_path / "h.svg"),
+                 "--layer", "attention", "--head", "0"]) == 0
+    client = TestClient(create_app((loaded, tok)))
+    info = client.get("/explain/api/model").json()
+    assert info["family"] == "rnn" and info["cell"] == "gru" and info["attention"] is True
+    cap = client.post("/explain/api/capture", json={"text": "hello", "target": "salut"}).json()
+    assert cap["family"] == "rnn" and cap["layers"][0]["cross"] is True
+    w = _floats(client.get(f"/explain/api/{cap['id']}/attention",
+                           params={"layer": "attention", "head": "0"}))
+    assert w.shape == (6, 6) and np.allclose(w.sum(-1), 1, atol=1e-6)
+    assert client.get(f"/explain/api/{cap['id']}/export.html").status_code == 200
+    plain = RNNTranslator(dataclasses.replace(model.config, attention=False))
+    save_rnn(plain, tok, tmp_path / "plain")  # without attention: one line, exit status 2
+    capsys.readouterr()
+    assert main(["explain", str(tmp_path / "plain")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "without attention" in err and len(err.splitlines()) == 1
 
 
 def test_alignment_of_any_model(tmp_path):
@@ -371,3 +440,72 @@ def test_qkv_explain_mistakes_are_one_line(saved_models, tmp_path, capsys):
     assert main(["explain", str(tmp_path / "bare")]) == 2
     err = capsys.readouterr().err.strip()
     assert "no tokenizer.json" in err and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------- Hugging Face directories
+
+def _hf_model(kind: str, vocab: int, tok):
+    """A tiny random transformers model of `kind`, eager attention so it can return its maps;
+    a large init spread so that the maps are far from uniform."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(4)
+    common = dict(vocab_size=vocab, attn_implementation="eager")
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64,
+                                      initializer_range=0.4, bos_token_id=tok.bos_id,
+                                      eos_token_id=tok.eos_id, **common)
+        return transformers.GPT2LMHeadModel(cfg)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=48,
+                                       max_position_embeddings=64, initializer_range=0.4,
+                                       bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                                       **common)
+        return transformers.LlamaForCausalLM(cfg)
+    if kind == "bert":
+        cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                      intermediate_size=48, max_position_embeddings=64,
+                                      initializer_range=0.4, **common)
+        return transformers.BertForMaskedLM(cfg)
+    cfg = transformers.MarianConfig(d_model=32, encoder_layers=2, decoder_layers=2,
+                                    encoder_attention_heads=4, decoder_attention_heads=4,
+                                    encoder_ffn_dim=48, decoder_ffn_dim=48,
+                                    max_position_embeddings=64, init_std=0.4,
+                                    pad_token_id=tok.pad_id, eos_token_id=tok.eos_id,
+                                    decoder_start_token_id=tok.pad_id, forced_eos_token_id=None,
+                                    **common)
+    hf = transformers.MarianMTModel(cfg)
+    with torch.no_grad():  # one table for both stacks, as qkv (and a saved Marian) has
+        hf.model.decoder.embed_tokens.weight.copy_(hf.model.encoder.embed_tokens.weight)
+    return hf
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert", "marian"])
+def test_hugging_face_directories(kind, tmp_path):
+    """A random GPT-2, Llama, BERT and Marian saved by transformers (safetensors) with a
+    tokenizer.json: qkv.load reads the directory and every captured map is transformers' own
+    (output_attentions), each row summing to 1."""
+    from explain_util import char_tokenizer
+
+    tok = char_tokenizer()
+    hf = _hf_model(kind, tok.vocab_size, tok).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save(tmp_path / "tokenizer.json")
+    model, loaded_tok = qkv.load(tmp_path)
+    assert loaded_tok is not None
+    cap = capture(model, loaded_tok, "the cat sat", target="le chat" if kind == "marian" else None)
+    ids = torch.tensor([cap.ids])
+    with torch.no_grad():
+        if kind == "marian":  # in the order the model runs them: encoder, then self, cross
+            out = hf(input_ids=ids, decoder_input_ids=torch.tensor([cap.target_ids]),
+                     output_attentions=True)
+            want = [*out.encoder_attentions,
+                    *(m for pair in zip(out.decoder_attentions, out.cross_attentions,
+                                        strict=True) for m in pair)]
+        else:
+            want = list(hf(input_ids=ids, output_attentions=True).attentions)
+    assert len(cap.layers()) == len(want) == (6 if kind == "marian" else 2)
+    for (name, w), hf_w in zip(cap.attention.items(), want, strict=True):
+        assert torch.allclose(w.sum(-1), torch.ones(w.shape[:2]), atol=1e-5), name
+        assert torch.allclose(w, hf_w[0].float(), atol=1e-5), name
+        assert w.std() > 0.01  # the spread-out init: maps far from uniform

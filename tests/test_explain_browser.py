@@ -19,7 +19,7 @@ import torch
 from fastapi import FastAPI
 
 import qkv
-from explain_util import decoder, encoder, live, seq2seq
+from explain_util import decoder, encoder, live, rnn, seq2seq
 from qkv.explain import alignment, capture
 from qkv.explain.app import Explainer, explain_router
 from qkv.generate import decode_tokens
@@ -29,12 +29,32 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TEXT = "the cat sat on it"
 
 
+def hf_llama(folder: Path):
+    """A random Llama saved by transformers (safetensors) with a tokenizer.json, loaded by qkv;
+    and the transformers model, to compare its output_attentions with."""
+    transformers = pytest.importorskip("transformers")
+    from explain_util import char_tokenizer
+
+    tok = char_tokenizer()
+    torch.manual_seed(5)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, num_hidden_layers=2, hidden_size=32,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=48, max_position_embeddings=64,
+                                   initializer_range=0.4, attn_implementation="eager")
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(folder, safe_serialization=True)
+    tok.save(folder / "tokenizer.json")
+    return qkv.load(folder), hf
+
+
 @pytest.fixture(scope="module")
-def models():
+def models(tmp_path_factory):
     from qkv.hub import packaged_minilm_path
 
-    return {"/explain": decoder(), "/enc": encoder(), "/s2s": seq2seq(),
-            "/minilm": qkv.load(packaged_minilm_path())}
+    (llama, llama_tok), hf = hf_llama(tmp_path_factory.mktemp("hf-llama"))
+    return {"/explain": decoder(), "/enc": encoder(), "/s2s": seq2seq(), "/rnn": rnn(),
+            "/minilm": qkv.load(packaged_minilm_path()), "/llama": (llama, llama_tok),
+            "hf-llama": hf}
 
 
 SOURCE, TARGET = ["the", "cat", "sat", "</s>"], ["le", "chat", "assis", "</s>"]
@@ -46,6 +66,8 @@ ALIGNMENT = torch.tensor([[0.7, 0.2, 0.05, 0.05], [0.1, 0.8, 0.05, 0.05],
 def server(models):
     app = FastAPI()
     for prefix, pair in models.items():
+        if not prefix.startswith("/"):
+            continue  # a reference model, not served
         app.include_router(explain_router(pair, prefix=prefix))
     aligned = Explainer(None, prefix="/align")  # no model: ready-made captures only
     assert aligned.add(alignment(ALIGNMENT, SOURCE, TARGET, name="bahdanau")) == "c1"
@@ -131,9 +153,28 @@ def test_tokens_embeddings_and_overview(page, server, models, shots):
         "#tokens .tok sub", "s => s.map(e => e.textContent)")] == ids
     assert page.get_attribute("#overview", "data-drawn") == "8"  # 2 layers x 4 heads
     assert page.eval_on_selector("#embed-canvas", "c => c.width") > 10
+    # hovering a map names it and reads the cell under the pointer (17 tokens: not pooled)
+    box = page.locator("#overview").bounding_box()
+    assert box is not None
+    scale = box["width"] / page.eval_on_selector("#overview", "c => c.width")
+    x, y = (2 * 76 + 30) * scale, (1 * 76 + 50) * scale  # layer 1, head 2: tile pixel (30, 50)
+    page.locator("#overview").hover(position={"x": x, "y": y})
+    ro = page.locator("#overview-readout")
+    assert ro.get_attribute("data-layer") == "decoder.layers.1.self_attn"
+    assert ro.get_attribute("data-head") == "2" and ro.get_attribute("data-pooled") == "false"
+    i, j = int(ro.get_attribute("data-i") or -1), int(ro.get_attribute("data-j") or -1)
+    assert (i, j) == (50 * len(TEXT) // 72, 30 * len(TEXT) // 72)
+    want = capture(model, tok, TEXT).attention["decoder.layers.1.self_attn"][2, i, j].item()
+    assert abs(float(ro.get_attribute("data-value") or "nan") - want) <= 1e-6
+    shoot(page, shots, "view-overview")
+    page.locator("#overview").click(position={"x": x, "y": y})
+    page.wait_for_function("document.getElementById('head-canvas').dataset.head === '2' && "
+                           "document.getElementById('head-canvas').dataset.layer === "
+                           "'decoder.layers.1.self_attn'")
+    page.mouse.move(0, 0)
+    assert ro.text_content() == "hover a map"
     shoot(page, shots, "view-tokens")
     shoot(page, shots, "view-embeddings")
-    shoot(page, shots, "view-overview")
 
 
 def pick(page, layer: int, head: str, stage: str) -> None:
@@ -310,6 +351,40 @@ def test_encoder_decoder_cross_attention(page, server, models, shots):
     assert shown.shape == (len(ref.tokens),)
     assert torch.allclose(shown, expected, atol=1e-6, rtol=0)
     shoot(page, shots, "view-head", "view-head-cross")
+
+
+def test_recurrent_translator_bahdanau_alignment(page, server, models, shots):
+    """An LSTM/GRU translator's page: run a source and a target, and its additive attention is
+    the cross-attention view; the pinned target token's row is the recorded weights."""
+    model, tok = models["/rnn"]
+    open_page(page, server, "/rnn")
+    assert page.locator("#model-info").text_content().startswith("rnn · GRU")
+    rerun(page, "hello", target="salut")
+    ref = capture(model, tok, "hello", target="salut")
+    assert page.eval_on_selector_all("#layer option", "o => o.map(e => e.textContent)") == [
+        "attention"]
+    assert page.locator("#tokens .tok").count() == len(ref.tokens)
+    page.click("#target-tokens .tok[data-index='2']")
+    pick(page, 0, "0", "weights")
+    shown = torch.tensor(row_values(page))
+    assert torch.allclose(shown, ref.attention["attention"][0, 2], atol=1e-6, rtol=0)
+    assert page.locator("#view-embeddings").is_hidden() and page.locator("#run-form").is_visible()
+    shoot(page, shots, "view-head", "view-head-rnn")
+
+
+def test_hugging_face_llama_directory(page, server, models):
+    """A Llama directory written by transformers: the page's numbers are transformers' own."""
+    hf = models["hf-llama"]
+    open_page(page, server, "/llama")
+    rerun(page, "the cat")
+    ids = models["/llama"][1].encode("the cat", add_special_tokens=False)
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor([ids]), output_attentions=True).attentions[1][0, 3]
+    page.click("#tokens .tok[data-index='5']")
+    pick(page, 1, "3", "weights")
+    shown = torch.tensor(row_values(page))
+    assert torch.allclose(shown, want[5], atol=1e-5, rtol=0)
+    assert abs(float(shown.sum()) - 1) < 1e-5
 
 
 # ---------------------------------------------------------------------- exports

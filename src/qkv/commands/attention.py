@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..checkpoint import load
 from ..errors import InputError
-from ..explain import capture, plots
+from ..explain import capture, load_model, plots
 
 ORDER = 75
 
@@ -49,9 +48,7 @@ def run(args: argparse.Namespace) -> int:
     out = plots.check_out(args.out)
     if args.npz and Path(args.npz).suffix != ".npz":
         raise InputError(f"{args.npz}: name the tensor file .npz")
-    model, tokenizer = load(args.dir)
-    if tokenizer is None:
-        raise InputError(f"{args.dir} has no tokenizer.json, so its text cannot be encoded")
+    model, tokenizer = load_model(args.dir)
     cap = capture(model, tokenizer, args.text, target=args.target)
     if args.list:
         for i, name in enumerate(cap.layers()):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoint import load
 from ..errors import InputError
+from ..explain import load_model
 from ..hardware import set_threads
 
 ORDER = 76
@@ -43,9 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         raise InputError(f"--port {args.port} is not a port number (0-65535)")
     set_threads()
-    model, tokenizer = load(args.dir)
-    if tokenizer is None:
-        raise InputError(f"{args.dir} has no tokenizer.json, so its text cannot be encoded")
+    model, tokenizer = load_model(args.dir)
     app = create_app((model, tokenizer))
     print(f"qkv explain: http://{args.host}:{args.port}/explain  (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

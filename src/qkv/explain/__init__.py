@@ -5,6 +5,15 @@
     qkv explain DIR                                         # the web page (app.py)
 """
 
-from .capture import Capture, alignment, capture, draw_next, next_token_probs
+from .capture import (
+           Capture,
+           alignment,
+           capture,
+           capture_rnn,
+           draw_next,
+           load_model,
+           next_token_probs,
+)
 
-__all__ = ["Capture", "alignment", "capture", "draw_next", "next_token_probs"]
+__all__ = ["Capture", "alignment", "capture", "capture_rnn", "draw_next", "load_model",
+           "next_token_probs"]

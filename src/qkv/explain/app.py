@@ -42,13 +42,14 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from ..baselines import RNNTranslator
 from ..errors import QkvError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .capture import STAGES, Capture, capture, draw_next, replay_steps
 
-Source = (tuple[Transformer, Tokenizer] | Callable[[], tuple[Transformer, Tokenizer] | None]
-          | None)
+Model = Transformer | RNNTranslator  # a recurrent translator shows its Bahdanau alignment
+Source = tuple[Model, Tokenizer] | Callable[[], tuple[Model, Tokenizer] | None] | None
 STATIC = {"explain.js": "text/javascript", "explain.css": "text/css"}
 KEPT = 4  # captures kept in memory for the page's lazy requests
 MAX_STEPS = 64
@@ -82,11 +83,17 @@ def binary(array: torch.Tensor | np.ndarray) -> Response:
                              "Access-Control-Expose-Headers": "X-Shape"})
 
 
-def model_info(model: Transformer, tokenizer: Tokenizer) -> dict[str, Any]:
-    cfg = model.config
+def model_info(model: Model, tokenizer: Tokenizer) -> dict[str, Any]:
     special = sorted({i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
                                   tokenizer.cls_id, tokenizer.sep_id, tokenizer.unk_id,
                                   tokenizer.mask_id) if i is not None})
+    if isinstance(model, RNNTranslator):
+        c = model.config
+        return {"family": "rnn", "vocab_size": c.vocab_size, "cell": c.cell,
+                "attention": c.attention, "n_layers": c.n_layers, "d_hidden": c.d_hidden,
+                "max_seq_len": c.max_seq_len, "labels": [], "special_ids": special,
+                "mask_id": None, "parameters": model.num_parameters()}
+    cfg = model.config
     return {"family": cfg.family, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model,
             "n_heads": cfg.n_heads, "n_encoder_layers": cfg.n_encoder_layers,
             "n_decoder_layers": cfg.n_decoder_layers, "max_seq_len": cfg.max_seq_len,
@@ -100,7 +107,7 @@ def describe(cid: str, cap: Capture, tokenizer: Tokenizer | None) -> dict[str, A
     layers = []
     for name, w in cap.attention.items():
         layers.append({"name": name, "heads": w.shape[0], "tq": w.shape[1], "tk": w.shape[2],
-                       "cross": "cross" in name or cap.family == "alignment",
+                       "cross": "cross" in name or cap.family in ("alignment", "rnn"),
                        "stack": name.split(".")[0]})
     norms = {k: v.tolist() for k, v in cap.norms.items()}
     tensors = {}
@@ -165,7 +172,7 @@ class Explainer:
         return router
 
     # ------------------------------------------------------------------ state
-    def loaded(self) -> tuple[Transformer, Tokenizer]:
+    def loaded(self) -> tuple[Model, Tokenizer]:
         pair = self.source() if callable(self.source) else self.source
         if pair is None or pair[0] is None:
             raise HTTPException(503, "the model is still loading")
@@ -278,7 +285,7 @@ class Explainer:
     def sample(self, body: Sampling) -> dict[str, Any]:
         cap = self.get(body.id)
         model, tokenizer = self.loaded()
-        if cap.family != "decoder":
+        if cap.family != "decoder" or not isinstance(model, Transformer):
             raise HTTPException(400, "drawing a next token needs a decoder model")
         with self.lock:
             token = _qkv(lambda: draw_next(model, cap.ids, body.temperature, body.top_k,
@@ -289,7 +296,7 @@ class Explainer:
     def steps(self, body: StepsRequest) -> dict[str, Any]:
         cap = self.get(body.id)
         model, tokenizer = self.loaded()
-        if cap.family != "decoder":
+        if cap.family != "decoder" or not isinstance(model, Transformer):
             raise HTTPException(400, "step-by-step generation needs a decoder model")
         with self.lock:
             result = _qkv(lambda: replay_steps(model, cap.ids, body.steps, body.temperature,

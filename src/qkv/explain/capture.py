@@ -22,9 +22,12 @@ reports masked-LM logits and, if it has a classifier, class probabilities; an en
 reads the source and a target (given, or its own greedy translation) and reports the
 cross-attention of every decoder layer: the source x target alignment.
 
+A recurrent translator of qkv.baselines with attention (an `RNNTranslator`) gives family "rnn":
+its Bahdanau alignment, (1, target, source) under the attention module's name ("attention"),
+recorded by the same `record_attention` while it reads the source and the target once.
+
 Any alignment matrix can be shown the same way: `Capture.attention` maps a name to a
-(heads, queries, keys) array, and `alignment(...)` builds a Capture from a bare matrix (an RNN's
-Bahdanau weights, for example).
+(heads, queries, keys) array, and `alignment(...)` builds a Capture from a bare matrix.
 """
 
 from __future__ import annotations
@@ -37,8 +40,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..baselines import RNNTranslator
+from ..batching import evaluating
+from ..checkpoint import CONFIG, load
+from ..data.parallel import translation_ids
 from ..errors import InputError
 from ..generate import decode_tokens, filter_logits
+from ..io import read_config_json
 from ..layers.attention import AttentionInputs, attention_stages, record_attention
 from ..layers.norm import LayerNorm, RMSNorm
 from ..model import Transformer
@@ -68,7 +76,7 @@ class Capture:
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # norm -> (T, 2): mean, std
     logits: torch.Tensor | None = None  # (T, vocab_size) fp32
     classes: dict[str, float] = field(default_factory=dict)  # label -> probability
-    model: Transformer | None = field(default=None, repr=False)
+    model: Transformer | None = field(default=None, repr=False)  # None for an RNN
 
     # ------------------------------------------------------------------ attention
     def layers(self) -> list[str]:
@@ -256,15 +264,19 @@ def pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 @torch.no_grad()
-def capture(model: Transformer, tokenizer: Tokenizer, text: str, target: str | None = None,
-            max_target_tokens: int = 48) -> Capture:
+def capture(model: Transformer | RNNTranslator, tokenizer: Tokenizer, text: str,
+            target: str | None = None, max_target_tokens: int = 48) -> Capture:
     """Run `model` once on `text` and keep every stage (see the module docstring).
 
-    target: for an encoder-decoder, the target text; None decodes the model's own greedy
-    translation (up to max_target_tokens) so that the cross-attention shows its alignment.
+    target: for an encoder-decoder (or a recurrent translator), the target text; None decodes
+    the model's own greedy translation (up to max_target_tokens) so that the cross-attention
+    shows its alignment.
     """
+    if isinstance(model, RNNTranslator):
+        return capture_rnn(model, tokenizer, text, target, max_target_tokens)
     if not isinstance(model, Transformer):
-        raise InputError(f"capture needs a qkv Transformer, got {type(model).__name__}")
+        raise InputError(f"capture needs a qkv Transformer or RNNTranslator, got "
+                         f"{type(model).__name__}")
     cfg = model.config
     ids = encode(model, tokenizer, text)
     device = next(model.parameters()).device
@@ -295,6 +307,60 @@ def capture(model: Transformer, tokenizer: Tokenizer, text: str, target: str | N
             cap.inputs[name] = first
     _embeddings(model, cap, src, tgt)
     return cap
+
+
+@torch.no_grad()
+def capture_rnn(model: RNNTranslator, tokenizer: Tokenizer, text: str, target: str | None = None,
+                max_target_tokens: int = 48) -> Capture:
+    """The Bahdanau alignment of a recurrent translator on `text` (family "rnn").
+
+    The source is encoded as the translation task encodes it (its pieces and </s>); the target
+    starts with <s> and is `target`, or the model's own greedy translation. The model reads both
+    once (teacher forcing) inside `record_attention`; each decoder step records its weights over
+    the source, (1, 1, 1, S), and the steps stack into attention["attention"]: (1, T, S), row t
+    the weights the step that reads target token t used."""
+    if not model.config.attention:
+        raise InputError("this recurrent translator has no attention (attention: false in its "
+                         "config), so it has no alignment to show")
+    if not isinstance(text, str):
+        raise InputError(f"text must be a str, got {type(text).__name__}")
+    _, bos, eos = translation_ids(tokenizer)
+    ids = [*tokenizer.encode(text, add_special_tokens=False)[:model.config.max_seq_len - 1], eos]
+    device = next(model.parameters()).device
+    src = torch.tensor([ids], dtype=torch.long, device=device)  # (1, S)
+    if target is None:
+        tail = generate_seq2seq(model, src, max_new_tokens=max_target_tokens, start_id=bos,
+                                eos_id=eos)[0]
+    else:
+        tail = tokenizer.encode(target, add_special_tokens=False)
+    target_ids = [bos, *tail]
+    tgt = torch.tensor([target_ids], dtype=torch.long, device=device)  # (1, T)
+    with evaluating(model), record_attention(model) as maps:
+        logits = model(src, tgt)  # (1, T, V)
+    steps = maps["attention"]  # T tensors, each (1, 1, 1, S)
+    weights = torch.cat(steps, dim=2)[0].float()  # (1, T, S): one "head"
+    return Capture(family="rnn", tokens=pieces(tokenizer, ids), ids=ids,
+                   target_tokens=pieces(tokenizer, target_ids), target_ids=target_ids,
+                   attention={"attention": weights}, logits=logits[0].float())
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"
+               ) -> tuple[Transformer | RNNTranslator, Tokenizer]:
+    """(model, tokenizer) of what `capture` reads: a qkv or Hugging Face directory (or a name
+    `qkv.load` resolves), or a recurrent translator saved by `qkv train --family rnn`."""
+    folder = Path(path)
+    if (folder / CONFIG).is_file() and read_config_json(folder).get("family") == "rnn":
+        from ..tasks.translate import load_translator  # only for this family: it pulls in train
+
+        rnn, tok = load_translator(folder, device)
+        if isinstance(rnn, RNNTranslator) and not rnn.config.attention:
+            raise InputError(f"{path} is a recurrent translator without attention (attention: "
+                             "false in its config.json): it has no alignment to show")
+        return rnn, tok
+    model, tokenizer = load(path, device)
+    if tokenizer is None:
+        raise InputError(f"{path} has no tokenizer.json, so its text cannot be encoded")
+    return model, tokenizer
 
 
 def _target_ids(model: Transformer, tokenizer: Tokenizer, src: torch.Tensor,

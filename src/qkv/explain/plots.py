@@ -46,7 +46,7 @@ def layer_name(cap: Capture, layer: int | str) -> str:
 
 def axes_tokens(cap: Capture, name: str) -> tuple[list[str], list[str]]:
     """(query tokens, key tokens) of a map: a cross-attention's queries are the target's."""
-    cross = "cross" in name or cap.family == "alignment"
+    cross = "cross" in name or cap.family in ("alignment", "rnn")
     in_decoder = name.startswith("decoder") and cap.family == "encoder-decoder"
     queries = cap.target_tokens if (cross or in_decoder) else cap.tokens
     keys = cap.tokens if (cross or not in_decoder) else cap.target_tokens

@@ -153,10 +153,13 @@
     return cols;
   }
 
+  // a capture with only attention weights: a bare alignment, or a recurrent translator's
+  function bare(c) { return c.family === "alignment" || c.family === "rnn"; }
+
   // query / key tokens (and ids) of an attention layer
   function axes(layer) {
     const c = S.cap, encdec = c.family === "encoder-decoder";
-    const inDecoder = (encdec && layer.stack === "decoder") || c.family === "alignment";
+    const inDecoder = (encdec && layer.stack === "decoder") || bare(c);
     const q = inDecoder ? [c.target_tokens, c.target_ids] : [c.tokens, c.ids];
     const k = layer.cross || !inDecoder ? [c.tokens, c.ids] : [c.target_tokens, c.target_ids];
     return { qTok: q[0], qIds: q[1], kTok: k[0], kIds: k[1] };
@@ -234,18 +237,53 @@
         ctx.restore();
       }
     }
+    const o = S.overHover; // the map under the pointer: a frame around it
+    if (o) {
+      ctx.strokeStyle = "#222"; ctx.lineWidth = 2;
+      ctx.strokeRect(o.h * (THUMB + gap) - 1, o.l * (THUMB + gap) - 1, THUMB + 2, THUMB + 2);
+    }
     canvas.dataset.drawn = String(L * H);
   }
 
-  function overviewClick(ev) {
+  // the map (layer l, head h) under the pointer and where in it (fx, fy in [0, 1)), or null
+  function overviewCell(ev) {
     const r = $("overview").getBoundingClientRect();
     const scale = $("overview").width / r.width;
-    const h = Math.floor(((ev.clientX - r.left) * scale) / (THUMB + 4));
-    const l = Math.floor(((ev.clientY - r.top) * scale) / (THUMB + 4));
-    if (l < S.cap.layers.length && h < S.cap.layers[l].heads) {
-      $("layer").value = String(l); $("head").value = String(h);
+    const x = (ev.clientX - r.left) * scale, y = (ev.clientY - r.top) * scale;
+    const h = Math.floor(x / (THUMB + 4)), l = Math.floor(y / (THUMB + 4));
+    const fx = (x - h * (THUMB + 4)) / THUMB, fy = (y - l * (THUMB + 4)) / THUMB;
+    if (l < 0 || h < 0 || l >= S.cap.layers.length || h >= S.cap.layers[l].heads) return null;
+    if (fx >= 1 || fy >= 1) return null; // the gap between maps
+    return { l, h, fx, fy };
+  }
+
+  function overviewClick(ev) {
+    const c = overviewCell(ev);
+    if (c) {
+      $("layer").value = String(c.l); fillHeadSelect(); $("head").value = String(c.h);
       selectHead();
     }
+  }
+
+  // hovering a map names it and the cell under the pointer: its tokens and (pooled) weight
+  function overviewHover(ev) {
+    const c = ev ? overviewCell(ev) : null, ro = $("overview-readout"), t = S.thumbs;
+    const was = S.overHover;
+    S.overHover = c && { l: c.l, h: c.h };
+    if ((was && was.l) !== (c && c.l) || (was && was.h) !== (c && c.h)) drawOverview();
+    if (!c || !t) {
+      ro.textContent = "hover a map"; delete ro.dataset.layer;
+      return;
+    }
+    const layer = S.cap.layers[c.l], ax = axes(layer), [, H, s] = t.shape;
+    const i = Math.floor(c.fy * layer.tq), j = Math.floor(c.fx * layer.tk);
+    const v = t.data[((c.l * H + c.h) * s + Math.floor(c.fy * s)) * s + Math.floor(c.fx * s)];
+    const pooled = s !== layer.tq || s !== layer.tk;
+    ro.textContent = `${layer.name}, head ${c.h}: query "${show(ax.qTok[i])}" (${i}) → ` +
+      `"${show(ax.kTok[j])}" (${j}): ${pooled ? "≈ " + v.toFixed(4) + " (pooled)" : exact(v)}` +
+      " · click to open";
+    Object.assign(ro.dataset, { layer: layer.name, head: String(c.h), i: String(i), j: String(j),
+      value: exact(v), pooled: String(pooled) });
   }
 
   // ------------------------------------------------------------------ one head, every stage
@@ -407,7 +445,7 @@
   // ------------------------------------------------------------------ output distribution
   function fillPositions() {
     const c = S.cap, n = c.logit_positions;
-    const names = c.family === "encoder-decoder" ? c.target_tokens : c.tokens;
+    const names = c.family === "encoder-decoder" || c.family === "rnn" ? c.target_tokens : c.tokens;
     const opts = [...Array(n).keys()].map((i) => [i, i + ": " + show(names[i])]);
     let chosen = n - 1;
     if (c.fill_mask.length) chosen = c.fill_mask[0].position;
@@ -559,12 +597,13 @@
   // ------------------------------------------------------------------ the whole page
   async function render(cap) {
     S.cap = cap; S.cacheHeads.clear(); S.pinned = null; S.head = null; S.steps = null;
+    S.overHover = null;
     document.querySelectorAll(".view").forEach((v) => { v.hidden = false; });
     renderTokens();
     renderEmbeddings();
     fillHeadControls();
     const decoder = cap.family === "decoder";
-    if (cap.family === "alignment") { // a bare matrix: only the attention views apply
+    if (bare(cap)) { // an alignment matrix (or an RNN's): only the attention views apply
       for (const v of ["view-embeddings", "view-ffn", "view-residual", "view-lens"]) $(v).hidden = true;
     }
     $("view-output").hidden = !cap.logit_positions;
@@ -612,6 +651,8 @@
       S.hideSpecial = e.target.checked; drawHead();
     });
     $("overview").addEventListener("click", overviewClick);
+    $("overview").addEventListener("mousemove", overviewHover);
+    $("overview").addEventListener("mouseleave", () => overviewHover(null));
     $("layer").addEventListener("change", () => { fillHeadSelect(); selectHead(); });
     $("head").addEventListener("change", selectHead);
     $("stage").addEventListener("change", selectHead);
@@ -642,9 +683,12 @@
     }
     S.model = await api("model");
     const m = S.model;
-    $("model-info").textContent = `${m.family} · ${m.n_encoder_layers + m.n_decoder_layers} layers · ` +
-      `${m.n_heads} heads · d_model ${m.d_model} · ${m.position} positions · context ${m.max_seq_len}`;
-    $("target").hidden = m.family !== "encoder-decoder";
+    $("model-info").textContent = m.family === "rnn"
+      ? `rnn · ${m.cell.toUpperCase()} · ${m.n_layers} layers · d_hidden ${m.d_hidden} · ` +
+        `${m.attention ? "Bahdanau attention" : "no attention"}`
+      : `${m.family} · ${m.n_encoder_layers + m.n_decoder_layers} layers · ` +
+        `${m.n_heads} heads · d_model ${m.d_model} · ${m.position} positions · context ${m.max_seq_len}`;
+    $("target").hidden = m.family !== "encoder-decoder" && m.family !== "rnn";
     if (m.family === "encoder" && m.mask_id !== null) {
       $("text").value = "The animal didn't cross the [MASK] because it was too tired";
     }
