@@ -96,6 +96,10 @@ def test_malformed_json_and_files_without_examples_are_one_clear_error(tmp_path)
         read_sft(_write(tmp_path / "b.jsonl", [{"question": "q", "answer": ""}]))
     with pytest.raises(InputError, match="does not exist"):
         read_sft(tmp_path / "missing.jsonl")
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match="line 1 is nested too deeply"):
+        read_sft(deep)
 
 
 def test_overlong_examples_are_truncated_or_skipped_and_counted(tok):

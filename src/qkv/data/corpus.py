@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError
 
@@ -33,6 +35,20 @@ def read_text_file(path: Path) -> str:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise InputError(f"{path} is not valid UTF-8 text (line {line})") from None
+
+
+def jsonl_values(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSON-lines text; InputError naming the
+    file and line for one that is not JSON (or is nested too deeply to read)."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path} line {number} is not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise InputError(f"{path} line {number} is nested too deeply") from None
 
 
 def corpus_files(path: str | Path | None = None) -> list[Path]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import torch
 from ..batching import bucketed_batches, pad_id, pad_rows
 from ..errors import InputError
 from ..tokenizer import Tokenizer
-from .corpus import read_text_file
+from .corpus import jsonl_values, read_text_file
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -111,18 +110,10 @@ def _table_records(path: Path, text: str,
 
 def _jsonl_records(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
     records = []
-    for i, line in enumerate(text.split("\n")):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path} line {i + 1} is not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise InputError(f"{path} line {i + 1} is nested too deeply") from None
+    for number, value in jsonl_values(path, text):
         if not isinstance(value, dict):
-            raise InputError(f"{path} line {i + 1} is not a JSON object")
-        records.append((i + 1, value))
+            raise InputError(f"{path} line {number} is not a JSON object")
+        records.append((number, value))
     return records
 
 

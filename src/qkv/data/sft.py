@@ -18,7 +18,6 @@ answer) are skipped and counted, with the line of the first one, never silently 
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ import torch
 from ..chat import ChatTemplate, check_messages
 from ..errors import InputError
 from ..tokenizer import Tokenizer
-from .corpus import read_text_file
+from .corpus import jsonl_values, read_text_file
 
 #: The chat template of a model that brings none: a question and its answer, each on a line.
 #:
@@ -133,13 +132,7 @@ def read_sft(path: str | Path) -> SFTData:
     path = Path(path)
     text = read_text_file(path)
     data = SFTData([], source=str(path))
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path} line {number} is not valid JSON ({e.msg})") from None
+    for number, record in jsonl_values(path, text):
         example, why = parse_row(record)
         if example is None:
             data.skip(f"row(s) {why}", number)
