@@ -42,6 +42,7 @@ __all__ = [
     "hf_gpt2", "Int8Linear", "make_optimizer", "next_token_loss", "packaged_minilm_path",
     "param_count", "peer_adamw", "peer_autocast", "print_table", "race", "resolve_precision",
     "set_threads", "split", "threads", "train_baby", "training_attention", "use_matrix_vector",
+    "copy_bandwidth", "matmul_ceiling",
 ]
 
 DATA = Path(__file__).resolve().parent / "data"  # the benchmarks' data, inside the repository
@@ -105,6 +106,41 @@ def threads(n: int | None) -> int:
     """Set the threads of this process (both libraries share them); by default one per idle CPU
     (on a quiet machine, every CPU). Returns the number."""
     return set_threads(n)
+
+
+# ---------------------------------------------------------------------- the hardware's limits
+
+def matmul_ceiling(dtype: torch.dtype = torch.bfloat16, size: int = 2048,
+                   seconds: float = 1.0) -> float:
+    """The matrix units' measured speed in FLOP/s: the best of repeated size x size x size
+    products in `dtype` with this process's threads. A training or inference step can at best
+    reach it, so `useful FLOPs / time / matmul_ceiling()` is the fraction of the hardware used."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b  # the library picks and packs its kernel here
+    best, spent = math.inf, 0.0
+    while spent < seconds:
+        start = time.perf_counter()
+        a @ b
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+    return 2 * size**3 / best
+
+
+def copy_bandwidth(megabytes: int = 512, seconds: float = 1.0) -> float:
+    """Memory bandwidth in bytes/s, measured as a large tensor copy (bytes read + bytes
+    written, best of repeated copies). Decoding one token reads every weight once, so
+    `weight bytes per token * tokens/s / copy_bandwidth()` is the fraction of memory speed."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best, spent = math.inf, 0.0
+    while spent < seconds:
+        start = time.perf_counter()
+        dst.copy_(src)
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+    return 2 * src.numel() * 4 / best
 
 
 # ---------------------------------------------------------------------- the peers
