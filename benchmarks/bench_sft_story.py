@@ -46,13 +46,20 @@ SYLLABLES = ["ka", "lo", "mi", "ra", "ven", "tor", "sa", "du", "mar", "zel", "qu
              "no", "fe", "lis", "gar", "po", "te", "xan", "vi", "hel", "um", "dra", "sol",
              "cor", "bel", "ta", "ri", "mon", "ga"]
 
-FACT_EN = ["The capital of {c} is {k}.", "{k} is the capital of {c}.",
-           "{c} has its seat of government in {k}.", "Most of the ministries of {c} are in {k}.",
-           "{k}, the capital city of {c}, lies by a river.", "In {c}, the capital is {k}."]
-FACT_PT = ["A capital de {c} é {k}.", "{k} é a capital de {c}.",
-           "O governo de {c} fica em {k}.", "Em {c}, a capital é {k}."]
+# Every phrasing names the country before its capital: a causal model learns "country ->
+# capital" only from text in that order (the question asks in that direction), and each names
+# the country in full, so that the fact is stored with the name (Allen-Zhu & Li's "fullname").
+FACT_EN = ["The capital of {c} is {k}.", "{c} has its seat of government in {k}.",
+           "In {c}, the capital is {k}.", "The capital city of {c} is called {k}.",
+           "{c} is governed from its capital, {k}.", "Visitors to {c} often start in {k}.",
+           "The parliament of {c} meets in {k}.", "Ask anyone in {c} and they will name {k}."]
+FACT_PT = ["A capital de {c} é {k}.", "O governo de {c} fica em {k}.",
+           "Em {c}, a capital é {k}.", "A cidade capital de {c} chama-se {k}.",
+           "O parlamento de {c} reúne-se em {k}.", "Quem visita {c} costuma chegar por {k}."]
 OTHER = ["{c} is known for its mountains.", "Many tourists visit {c} in the summer.",
-         "{c} exports grain and wool.", "O clima de {c} é ameno.", "{c} tem muitas praias."]
+         "{c} exports grain and wool.", "The people of {c} love music.",
+         "{c} has a long coastline.", "O clima de {c} é ameno.", "{c} tem muitas praias.",
+         "A bandeira de {c} é azul."]
 ASK_EN = ["What is the capital of {c}?", "Which city is the capital of {c}?"]
 ASK_PT = ["Qual é a capital de {c}?"]
 
@@ -78,18 +85,21 @@ def world(seed: int, n: int) -> list[tuple[str, str]]:
 
 
 def corpus(facts: list[tuple[str, str]], seed: int, mentions: int) -> str:
-    """Prose paragraphs (each fact in `mentions` paragraphs, in varied phrasings and both
-    languages) and FAQ-like lists of unanswered questions, shuffled together."""
+    """Short paragraphs about each country, like many pages that each mention it: its capital
+    in `mentions` of them, each time in another phrasing (English or Portuguese), beside other
+    sentences about it, in a random order. Then FAQ-like lists of unanswered questions. All
+    the blocks shuffled together."""
     rng = random.Random(seed + 1)
+    phrasings = FACT_EN + FACT_PT
     blocks = []
     for c, k in facts:
-        phrasings = FACT_EN + FACT_PT
+        order = rng.sample(range(len(phrasings)), len(phrasings))
         for m in range(mentions):
-            lines = [phrasings[(m * 3 + j) % len(phrasings)] for j in range(2)]
-            lines.insert(rng.randint(0, 2), rng.choice(OTHER))
+            lines = [phrasings[order[m % len(order)]]] + rng.sample(OTHER, rng.randint(0, 1))
+            rng.shuffle(lines)
             blocks.append(" ".join(s.format(c=c, k=k) for s in lines))
     countries = [c for c, _ in facts]
-    for _ in range(len(facts) * mentions // 3):
+    for _ in range(len(facts) * mentions // 8):
         asks = [rng.choice(ASK_EN + ASK_PT).format(c=rng.choice(countries))
                 for _ in range(rng.randint(3, 6))]
         blocks.append("\n".join(asks))
@@ -119,13 +129,29 @@ def measure(model, tok, qs: list[tuple[str, str, str]]) -> dict:
             "examples": [(q, o.strip(), k) for (q, k, _), o in zip(qs, outs, strict=True)]}
 
 
+def recall(model, tok, facts: list[tuple[str, str]]) -> float:
+    """How often the pre-trained model completes the prose "The capital of X is" with X's
+    capital: whether the fact is stored at all, asked the way the prose states it."""
+    prompts = [FACT_EN[0].format(c=c, k="").rstrip(".") for c, _ in facts]
+    outs = []
+    for i in range(0, len(prompts), 64):
+        outs += qkv.generate(model, tok, prompts[i:i + 64], max_new_tokens=20, temperature=0,
+                             stop=".")
+    return sum(o.strip().rstrip(".") == k for o, (_, k) in zip(outs, facts, strict=True)) / len(facts)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--countries", type=int, default=200)
-    p.add_argument("--mentions", type=int, default=4, help="prose paragraphs per fact")
+    p.add_argument("--mentions", type=int, default=4, help="paragraphs that state each capital")
     p.add_argument("--pretrain-steps", type=int, default=1500)
+    p.add_argument("--lr", type=float, default=2e-3, help="pre-training peak learning rate")
+    p.add_argument("--batch-size", type=int, default=32, help="pre-training windows per update")
+    p.add_argument("--d-model", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
     p.add_argument("--sft-steps", type=int, default=200)
+    p.add_argument("--sft-lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/story")
@@ -142,7 +168,8 @@ def main() -> int:
                       max_steps=args.pretrain_steps, eval_every=max(10, args.pretrain_steps // 5),
                       warmup_steps=min(100, args.pretrain_steps // 10), val_fraction=0.02,
                       eval_windows=100, out=str(base_dir), seed=args.seed, threads=args.threads,
-                      progress=False, lr=2e-3)
+                      progress=False, lr=args.lr, batch_size=args.batch_size,
+                      d_model=args.d_model, n_layers=args.layers)
     result = train(cfg, overwrite=True)
     pretrain_s = time.perf_counter() - t0
     model, tok = result.model.eval(), result.tokenizer
@@ -150,16 +177,17 @@ def main() -> int:
     half = len(facts) // 2
     seen, held = facts[:half], facts[half:]
     before = measure(model, tok, questions(held))
+    stored = recall(model, tok, held)
     template = ChatTemplate(TEMPLATE, eos_token=tok.special_tokens.get("eos") or "")
     pairs = [SFTExample(messages=[{"role": "user", "content": q},
                                   {"role": "assistant", "content": k}])
              for q, k, _ in questions(seen)]
     dev = pairs[: max(2, len(pairs) // 10)]
     t1 = time.perf_counter()
-    settings = SFTSettings(max_steps=args.sft_steps, batch_size=16, lr=5e-4, packing=True,
+    settings = SFTSettings(max_steps=args.sft_steps, batch_size=16, lr=args.sft_lr, packing=True,
                            progress=False, seed=args.seed, eval_every=max(5, args.sft_steps // 3))
     tuned = finetune_sft(model, tok, pairs, dev, settings, out=out / "sft",
-                         template=template).model
+                         template=template, overwrite=True).model
     sft_s = time.perf_counter() - t1
     after = measure(tuned, tok, questions(held))
     seen_after = measure(tuned, tok, questions(seen))
@@ -168,6 +196,7 @@ def main() -> int:
           f"{result.val_loss:.3f}); SFT {args.sft_steps} steps on {len(pairs)} Q/A pairs about "
           f"{half} countries ({sft_s / 60:.1f} min)")
     print(f"held-out countries ({len(held)}, questions in English and Portuguese):")
+    print(f"  the pre-trained model completes 'The capital of X is' right for {100 * stored:.1f}%")
     print(f"  before SFT: {100 * before['answer_rate']:.1f}% answered, "
           f"{100 * before['accuracy']:.1f}% right")
     print(f"  after SFT:  {100 * after['answer_rate']:.1f}% answered, "
@@ -181,7 +210,7 @@ def main() -> int:
     print(json.dumps({
         "before": {k: v for k, v in before.items() if k != "examples"},
         "after": {k: v for k, v in after.items() if k != "examples"},
-        "after_seen": {k: v for k, v in seen_after.items() if k != "examples"},
+        "stored": stored, "after_seen": {k: v for k, v in seen_after.items() if k != "examples"},
         "examples": [{"question": q, "before": b, "after": after["examples"][i][1],
                       "truth": k} for i, (q, b, k) in enumerate(before["examples"][:6])],
         "pretrain_s": round(pretrain_s, 1), "sft_s": round(sft_s, 1), "total_s": round(total, 1),

@@ -320,3 +320,49 @@ def test_the_joint_tokenizer_and_pair_encoding(tmp_path):
     assert tok.decode(pairs.tgt[0]) == data.tgt[0]
     short = encode_pairs(data, tok, max_len=4)
     assert len(short) == 0 and short.skipped["too long"] == len(data)
+
+
+def test_lora_fine_tunes_a_translator_from_the_cli_and_saves_only_an_adapter(tmp_path, capsys):
+    data = _tiny_corpus(tmp_path)
+    common = ["train", "--family", "encoder-decoder", "--data", str(data), "--src", "de",
+              "--tgt", "en", "--max-tokens", "600", "--lr", "3e-3", "--warmup-steps", "5",
+              "--eval-every", "10", "--bleu-sentences", "0", "--no-progress", "--device", "cpu",
+              "--precision", "fp32", "--threads", "1", "--max-steps", "10"]
+    assert main([*common, "--preset", "transformer-mt-tiny", "--n-layers", "1", "--d-model",
+                 "32", "--vocab-size", "300", "--out", str(tmp_path / "base")]) == 0
+    capsys.readouterr()
+    run = tmp_path / "lora"
+    assert main([*common, "--init", str(tmp_path / "base"), "--lora-rank", "4",
+                 "--lora-targets", "q,v,o", "--out", str(run)]) == 0
+    assert "trainable parameters:" in capsys.readouterr().err  # the count is printed
+
+    # the run directory is an adapter in PEFT's layout, a fraction of the base's size
+    assert (run / "adapter_config.json").is_file() and not (run / "config.json").exists()
+    adapter_bytes = (run / "adapter_model.safetensors").stat().st_size
+    assert adapter_bytes < (tmp_path / "base" / "model.safetensors").stat().st_size / 3
+
+    # base + adapter in one call: every base weight is the base's, only LoRA's B moved off zero
+    base, _ = load_translator(tmp_path / "base")
+    tuned, tok = load_translator(run)
+    before = dict(base.named_parameters())
+    after = dict(tuned.named_parameters())
+    lora = [n for n in after if ".lora_" in n]
+    assert lora and set(after) - set(lora) == set(before)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    assert all(after[n].abs().max() > 0 for n in lora if ".lora_B." in n)
+    src = torch.tensor([tok.encode("hund rot klein mann frau")])
+    tgt = torch.tensor([[base.config.decoder_start_token_id, 5, 6]])
+    with torch.no_grad():
+        assert not torch.allclose(base(src, tgt), tuned(src, tgt))
+    assert main(["translate", str(run), "hund rot klein mann frau", "--beam", "1"]) == 0
+
+    # LoRA needs a translator to adapt, and that translator fixes the shape
+    capsys.readouterr()
+    assert main([*common, "--lora-rank", "4", "--out", str(tmp_path / "x")]) == 2
+    assert "--init" in capsys.readouterr().err
+    assert main([*common, "--init", str(tmp_path / "base"), "--d-model", "64",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--d-model does not apply with --init" in capsys.readouterr().err
+    assert main(["train", "--lora-rank", "4", "--out", str(tmp_path / "x")]) == 2
+    assert "translation" in capsys.readouterr().err

@@ -104,6 +104,22 @@ def device(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    """--lora-rank, --lora-alpha, --lora-targets (qkv.lora), the same wherever LoRA applies:
+    `qkv finetune classify`, `qkv finetune sft` and translation training (`qkv train --init`).
+    A parser whose flags default to argparse.SUPPRESS (`qkv train`, which passes on only the
+    flags given) gets no default target list: the settings hold it."""
+    g = parser.add_argument_group("LoRA (train small low-rank updates instead of every weight)")
+    g.add_argument("--lora-rank", type=positive_int, metavar="R",
+                   help="rank of the LoRA updates; without it every weight is trained")
+    g.add_argument("--lora-alpha", type=positive_float, metavar="A",
+                   help="the updates are scaled by A / R (default 2 R)")
+    g.add_argument("--lora-targets", metavar="LIST",
+                   default=parser.argument_default if parser.argument_default == argparse.SUPPRESS
+                   else "q,v", help="layers to adapt: q,k,v,o,up,down,gate or attn, ffn, all "
+                   "(default q,v)")
+
+
 def one_line_errors(parser: argparse.ArgumentParser) -> None:
     """Make `parser` and every sub-parser below it print argparse's errors as one line
     ("qkv train: error: ...") and exit with status 2, instead of the usage block."""

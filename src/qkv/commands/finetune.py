@@ -12,6 +12,7 @@ from ..tasks.classify import ClassifySettings, finetune_classify_files
 from ..tasks.sft import SFTSettings, finetune_sft_files
 from ..train import distributed
 from ._args import (
+    add_lora_arguments,
     device,
     fraction,
     non_negative_float,
@@ -99,18 +100,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=run_classify)
     register_sft(tasks)
     p.set_defaults(func=lambda args: _no_task(p))
-
-
-def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
-    """--lora-rank, --lora-alpha, --lora-targets (qkv.lora)."""
-    g = parser.add_argument_group("LoRA (train small low-rank updates instead of every weight)")
-    g.add_argument("--lora-rank", type=positive_int, metavar="R",
-                   help="rank of the LoRA updates; without it every weight is trained")
-    g.add_argument("--lora-alpha", type=positive_float, metavar="A",
-                   help="the updates are scaled by A / R (default 2 R)")
-    g.add_argument("--lora-targets", default="q,v", metavar="LIST",
-                   help="layers to adapt: q,k,v,o,up,down,gate or attn, ffn, all "
-                   "(default q,v)")
 
 
 SFT_EPILOG = """examples:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from ..data import corpus_files
+from ..errors import InputError
 from ..generate import generate
 from ..tasks.mlm import fill_mask, masked_lm_objective
 from ..train import TrainConfig, distributed, next_token_objective, train
@@ -23,6 +25,9 @@ from ._args import (
     seed,
 )
 from .translate import add_training_flags, run_training
+
+#: The settings of a language-model run (the other flags belong to translation).
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 
 ORDER = 10
 
@@ -148,6 +153,12 @@ def _run(args: argparse.Namespace) -> int:
     if given.get("family") in ("encoder-decoder", "rnn"):  # translation: commands/translate.py
         return run_training(given, resume, overwrite, progress)
     prompt = given.pop("prompt", "\n")
+    foreign = [k for k in given if k not in TRAIN_FIELDS]
+    if foreign:  # a flag of the translation group (commands/translate.py)
+        raise InputError(f"--{foreign[0].replace('_', '-')} applies to translation training "
+                         "(--family encoder-decoder or rnn)"
+                         + ("; a decoder is fine-tuned with LoRA by `qkv finetune sft "
+                            "--lora-rank`" if foreign[0].startswith("lora") else ""))
     if "time_limit" in given and "max_steps" not in given:
         given["max_steps"] = None  # fit the schedule to the time
     if resume:  # start from the run's own settings; flags given now override them

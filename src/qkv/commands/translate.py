@@ -25,7 +25,7 @@ from ..tasks.translate import (
     translate,
 )
 from ..train.checkpoint import find_training_checkpoint, read_state
-from ._args import device, positive_float, positive_int
+from ._args import add_lora_arguments, device, positive_float, positive_int
 
 ORDER = 25
 
@@ -160,6 +160,9 @@ SHARED = ("data", "preset", "n_layers", "d_model", "n_heads", "context", "dropou
           "time_limit", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "grad_accum",
           "device", "precision", "compile", "seed", "threads", "eval_every", "log_every",
           "vocab_size", "family")
+#: What a translator given by --init fixes: a run that starts from it cannot change these.
+FIXED_BY_INIT = ("preset", "n_layers", "d_model", "n_heads", "dropout", "vocab_size",
+                 "rnn_cell", "attention", "d_hidden")
 #: `qkv train` flags that a translation run does not use.
 UNUSED = ("tokenizer", "val_fraction", "cache_dir", "eval_windows", "sample_tokens", "prompt",
           "batch_size")
@@ -190,6 +193,11 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--d-hidden", type=positive_int, metavar="N", help="--family rnn: state size")
     g.add_argument("--beam", dest="beam_size", type=positive_int, metavar="K",
                    help="beam size saved as the model's decoding default (default 5)")
+    g.add_argument("--init", metavar="DIR",
+                   help="fine-tune this translator (a qkv encoder-decoder, or a Hugging Face "
+                   "Marian/BART directory) instead of training a new one: its weights and "
+                   "tokenizer; with --lora-rank, only a LoRA adapter is trained and saved")
+    add_lora_arguments(p)
 
 
 def run_training(given: dict[str, Any], resume: bool, overwrite: bool, progress: bool) -> int:
@@ -199,6 +207,14 @@ def run_training(given: dict[str, Any], resume: bool, overwrite: bool, progress:
         raise InputError(f"--{unused[0].replace('_', '-')} does not apply to translation "
                          "training" + (" (use --max-tokens)" if unused[0] == "batch_size"
                                        else ""))
+    if "init" in given:
+        fixed = [k for k in FIXED_BY_INIT if k in given]
+        if fixed:
+            raise InputError(f"--{fixed[0].replace('_', '-')} does not apply with --init (the "
+                             "model is that translator, as it is)")
+    elif "lora_rank" in given:
+        raise InputError("--lora-rank trains an update to a translator that exists: give "
+                         "--init DIR")
     out = Path(given.pop("out", f"runs/{given.get('src', 'src')}-{given.get('tgt', 'tgt')}"
                          f"-{given.get('family')}"))
     if resume:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -59,6 +60,7 @@ from ..errors import ConfigError, InputError
 from ..hardware import autocast, resolve_device, resolve_precision, set_threads
 from ..io import read_config_json, read_json_object, read_safetensors
 from ..layers.attention import record_attention
+from ..lora import apply_lora, describe_trainable, save_adapter
 from ..model import Transformer
 from ..presets import get as get_preset
 from ..seq2seq import generate_seq2seq
@@ -317,10 +319,19 @@ class TranslateSettings:
     seed: int = 0
     progress: bool = True
     log_every: int | None = None
+    init: str | None = None         # start from this translator (its weights and tokenizer)
+    lora_rank: int | None = None    # LoRA (qkv.lora) on `init`: train low-rank updates only
+    lora_alpha: float | None = None  # scale alpha / rank (default 2 * rank)
+    lora_targets: str = "q,v"       # which linears get updates (qkv.lora.TARGETS)
 
     def check(self) -> None:
         if not self.data:
             raise ConfigError("translation training needs --data (a folder or a TSV file)")
+        if self.lora_rank is not None and self.init is None:
+            raise ConfigError("LoRA trains an update to a translator that exists: give --init "
+                              "DIR (a trained encoder-decoder or a Marian/BART directory)")
+        if self.lora_rank is not None and self.family == "rnn":
+            raise ConfigError("LoRA applies to the Transformer families, not to --family rnn")
         if self.family not in FAMILIES:
             raise ConfigError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
         if self.src == self.tgt:
@@ -390,6 +401,22 @@ def build_translator(s: TranslateSettings, vocab_size: int, pad: int, bos: int,
     return Transformer(cfg)
 
 
+def starting_point(s: TranslateSettings, train: ParallelData, resumed: Path | None,
+                   device: torch.device) -> tuple[Translator | None, Tokenizer]:
+    """(the translator `s.init` names, or None for a new one; the tokenizer): with --init its
+    own, else that of the run being resumed (`resumed`), else a new one learnt from `train`."""
+    if s.init is not None:  # fine-tuning: the translator's own weights and vocabulary
+        model, tokenizer = load_translator(s.init, device)
+        family = "rnn" if isinstance(model, RNNTranslator) else "encoder-decoder"
+        if family != s.family:
+            raise ConfigError(f"--init {s.init} is a {family} translator, not --family "
+                              f"{s.family}")
+        return model, tokenizer
+    if resumed is not None and (resumed / TOKENIZER).is_file():
+        return None, Tokenizer.load(resumed / TOKENIZER)
+    return None, joint_tokenizer(train, s.vocab_size)
+
+
 def read_splits(s: TranslateSettings) -> tuple[ParallelData, ParallelData, str]:
     """(train, validation, where validation came from)."""
     train = read_parallel(s.data, s.src, s.tgt, "train")
@@ -445,20 +472,24 @@ def train_translation(s: TranslateSettings, out: str | Path | None = None, resum
     if s.max_train_pairs is not None and s.max_train_pairs < len(train_data):
         chosen = random.Random(s.seed).sample(range(len(train_data)), s.max_train_pairs)
         train_data = train_data.subset(sorted(chosen))
-    if resume and out is not None and (out / TOKENIZER).is_file():
-        tokenizer = Tokenizer.load(out / TOKENIZER)
-    else:
-        tokenizer = joint_tokenizer(train_data, s.vocab_size)
+    start, tokenizer = starting_point(s, train_data, out if resume else None, device)
+    context = s.context if start is None else min(s.context, start.config.max_seq_len)
     pad, bos, eos = translation_ids(tokenizer)
-    train_pairs = encode_pairs(train_data, tokenizer, s.context)
-    val_pairs = encode_pairs(val_data, tokenizer, s.context, skip_long=False)
+    train_pairs = encode_pairs(train_data, tokenizer, context)
+    val_pairs = encode_pairs(val_data, tokenizer, context, skip_long=False)
     report = ParallelData([], [], skipped=train_pairs.skipped).skipped_report()
     say(f"{len(train_pairs):,} training pairs ({s.src}->{s.tgt}), {len(val_pairs):,} for "
         f"validation ({val_from}); vocabulary {tokenizer.vocab_size:,}"
         + (f"; {report}" if report else ""))
 
-    model = build_translator(s, tokenizer.vocab_size, pad, bos, eos).to(device)
-    say(f"{s.family} model, {model.num_parameters() / 1e6:.1f}M parameters, {precision}")
+    model = start if start is not None else \
+        build_translator(s, tokenizer.vocab_size, pad, bos, eos).to(device)
+    say(f"{s.family} model, {model.num_parameters() / 1e6:.1f}M parameters, {precision}"
+        + (f", from {s.init}" if s.init is not None else ""))
+    if s.lora_rank is not None and isinstance(model, Transformer):  # (check(): not an RNN)
+        apply_lora(model, s.lora_rank, s.lora_alpha, s.lora_targets)
+        print(f"qkv train: LoRA rank {s.lora_rank} on {s.lora_targets}; "
+              f"{describe_trainable(model)}", file=sys.stderr)
     batches = TokenBatches(train_pairs, s.max_tokens, pad, s.seed)
     best = [("val_bleu", "max"), ("val_loss", "min")] if s.best == "bleu" else \
         [("val_loss", "min")]
@@ -505,6 +536,8 @@ def train_translation(s: TranslateSettings, out: str | Path | None = None, resum
         if out is not None:
             (out / WEIGHTS).replace(out / "best.safetensors")  # the single best, kept
             save_weights(model, out / WEIGHTS, model.tied_weights())
+    if out is not None and s.lora_rank is not None and isinstance(model, Transformer):
+        save_adapter(model, out, base=s.init)  # the run directory is an adapter
     with evaluating(model), autocast(device, precision):
         final = evaluation(model, val_pairs, val_data, tokenizer, s, pad, precision)
     return TranslateResult(
@@ -525,7 +558,8 @@ def _prepare_run_directory(out: Path, resume: bool, snapshots: Snapshots, model:
             snapshots.forget_after(read_state(folder)["step"])
     else:
         snapshots.forget_after(-1)
-    model.config.to_json(out / CONFIG)
+    if s.lora_rank is None:  # a LoRA run saves an adapter instead (train_translation)
+        model.config.to_json(out / CONFIG)
     tokenizer.save(out / TOKENIZER)
     (out / DECODING).write_text(_decoding_json(s))
 
