@@ -144,20 +144,23 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--countries", type=int, default=200)
-    p.add_argument("--mentions", type=int, default=4, help="paragraphs that state each capital")
-    p.add_argument("--pretrain-steps", type=int, default=1500)
+    p.add_argument("--mentions", type=int, default=8, help="paragraphs that state each capital")
+    p.add_argument("--pretrain-steps", type=int, default=2500)
     p.add_argument("--lr", type=float, default=2e-3, help="pre-training peak learning rate")
     p.add_argument("--batch-size", type=int, default=32, help="pre-training windows per update")
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--sft-steps", type=int, default=200)
-    p.add_argument("--sft-lr", type=float, default=5e-4)
+    p.add_argument("--sft-steps", type=int, default=100)
+    p.add_argument("--sft-lr", type=float, default=2e-3)
+    p.add_argument("--lora-rank", type=int, default=4,
+                   help="SFT trains a LoRA update of this rank (0: every weight)")
+    p.add_argument("--lora-targets", default="all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/story")
     args = p.parse_args()
     if args.quick:
-        args.countries, args.mentions, args.pretrain_steps, args.sft_steps = 20, 2, 20, 10
+        args.countries, args.mentions, args.pretrain_steps, args.sft_steps = 40, 8, 20, 10
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +188,8 @@ def main() -> int:
     dev = pairs[: max(2, len(pairs) // 10)]
     t1 = time.perf_counter()
     settings = SFTSettings(max_steps=args.sft_steps, batch_size=16, lr=args.sft_lr, packing=True,
-                           progress=False, seed=args.seed, eval_every=max(5, args.sft_steps // 3))
+                           progress=False, seed=args.seed, eval_every=max(5, args.sft_steps // 3),
+                           lora_rank=args.lora_rank or None, lora_targets=args.lora_targets)
     tuned = finetune_sft(model, tok, pairs, dev, settings, out=out / "sft",
                          template=template, overwrite=True).model
     sft_s = time.perf_counter() - t1
