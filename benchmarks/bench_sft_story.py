@@ -1,26 +1,34 @@
 """The seed's story at CPU scale: pre-training teaches facts, SFT teaches to answer with them.
 
-    python benchmarks/bench_sft_story.py             # the full run (about 10 minutes on 2 cores)
-    python benchmarks/bench_sft_story.py --quick     # a smoke run (the figures mean nothing)
+    python benchmarks/bench_sft_story.py --threads 2   # the full run (about 13 min on 2 cores)
+    python benchmarks/bench_sft_story.py --quick       # a smoke run (the figures mean nothing)
 
-1. A corpus is generated (deterministically, from --seed) about a few hundred invented countries,
-   each with a capital city. The facts appear in prose, each in several phrasings, in English and
-   Portuguese ("The capital of Veltoria is Dunmar.", "A capital de Veltoria é Dunmar.", ...).
-   Questions appear too, but the way web pages list them: several in a row, none answered.
-2. A small character-level GPT (qkv's gpt-char-small) is pre-trained on it from scratch.
+1. A corpus is generated (deterministically, from --seed) about 200 invented countries, each
+   with a capital city. Each capital is stated in --mentions short paragraphs about its
+   country, each time in another of 14 phrasings, English or Portuguese ("The capital of
+   Veltoria is Dunmar.", "O governo de Veltoria fica em Dunmar.", ...), beside other sentences
+   about the country, in a random order. Questions appear too, the way web pages list them:
+   several in a row, none answered.
+2. A small character-level GPT (qkv's gpt-char-small, 3.2M parameters) is pre-trained on it.
 3. Before SFT, each held-out question ("What is the capital of Veltoria?" or "Qual é a capital
    de Veltoria?", then a newline) is continued greedily up to the next newline. Counted: how
-   often the continuation is an answer rather than another question, and how often it is the
-   right capital.
-4. SFT (qkv.tasks.sft) on question/answer pairs about half of the countries; the chat template
-   is the plainest one: the question on a line, the answer on the next.
+   often the continuation is an answer rather than another question, and how often it is
+   exactly the right capital. Also counted: how often the pre-trained model completes the
+   prose "The capital of Veltoria is" right (whether the fact is stored at all).
+4. SFT (qkv.tasks.sft, a LoRA update of rank 4 on every linear) on question/answer pairs about
+   the first half of the countries; the chat template is the plainest one: the question on a
+   line, the answer on the next.
 5. The same count on the other half: countries whose capital the model saw only in the
    pre-training prose, never in a question/answer pair.
 
-Anchors: Allen-Zhu & Li 2023 (Physics of Language Models, Part 3.1): knowledge becomes
-extractable by fine-tuning when pre-training shows each fact in varied phrasings. Raschka, Build
-a Large Language Model (From Scratch), ch. 7: before instruction fine-tuning, GPT-2 repeats or
-continues the instruction instead of answering it.
+The corpus follows Allen-Zhu & Li 2023 (Physics of Language Models, Part 3.1): knowledge
+becomes extractable by fine-tuning when pre-training shows each fact in varied phrasings, in
+permuted order, with the entity named in full each time. Every phrasing names the country
+before its capital, the direction the question asks in (a causal model does not learn the
+reverse: Berglund et al. 2023). A LoRA update extracts the stored facts where full fine-tuning
+of the small model memorises the SFT pairs instead. Raschka, Build a Large Language Model (From
+Scratch), ch. 7: before instruction fine-tuning, GPT-2 repeats or continues the instruction
+instead of answering it.
 
 Prints the before/after counts, a few examples in both languages, and one JSON line.
 """
@@ -125,7 +133,10 @@ def measure(model, tok, qs: list[tuple[str, str, str]]) -> dict:
     answered = [not o.strip().endswith("?") and bool(o.strip()) for o in outs]
     right = [o.strip() == k for o, (_, k, _) in zip(outs, qs, strict=True)]
     n = len(qs)
+    by_lang = {lang: sum(r for r, (_, _, la) in zip(right, qs, strict=True) if la == lang)
+               / sum(la == lang for _, _, la in qs) for lang in ("en", "pt")}
     return {"answer_rate": sum(answered) / n, "accuracy": sum(right) / n, "n": n,
+            "accuracy_by_language": by_lang,
             "examples": [(q, o.strip(), k) for (q, k, _), o in zip(qs, outs, strict=True)]}
 
 
@@ -137,7 +148,8 @@ def recall(model, tok, facts: list[tuple[str, str]]) -> float:
     for i in range(0, len(prompts), 64):
         outs += qkv.generate(model, tok, prompts[i:i + 64], max_new_tokens=20, temperature=0,
                              stop=".")
-    return sum(o.strip().rstrip(".") == k for o, (_, k) in zip(outs, facts, strict=True)) / len(facts)
+    right = [o.strip().rstrip(".") == k for o, (_, k) in zip(outs, facts, strict=True)]
+    return sum(right) / len(facts)
 
 
 def main() -> int:
@@ -204,7 +216,9 @@ def main() -> int:
     print(f"  before SFT: {100 * before['answer_rate']:.1f}% answered, "
           f"{100 * before['accuracy']:.1f}% right")
     print(f"  after SFT:  {100 * after['answer_rate']:.1f}% answered, "
-          f"{100 * after['accuracy']:.1f}% right")
+          f"{100 * after['accuracy']:.1f}% right (English "
+          f"{100 * after['accuracy_by_language']['en']:.1f}%, Portuguese "
+          f"{100 * after['accuracy_by_language']['pt']:.1f}%)")
     print(f"countries in the SFT pairs, after: {100 * seen_after['accuracy']:.1f}% right")
     print("examples (question | before | after | truth):")
     for i in (0, 1, 2, 3):

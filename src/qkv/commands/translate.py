@@ -194,9 +194,9 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beam", dest="beam_size", type=positive_int, metavar="K",
                    help="beam size saved as the model's decoding default (default 5)")
     g.add_argument("--init", metavar="DIR",
-                   help="fine-tune this translator (a qkv encoder-decoder, or a Hugging Face "
-                   "Marian/BART directory) instead of training a new one: its weights and "
-                   "tokenizer; with --lora-rank, only a LoRA adapter is trained and saved")
+                   help="fine-tune this translator (a directory `qkv translate` reads) instead of "
+                   "training a new one: its weights and tokenizer; with --lora-rank, only a "
+                   "LoRA adapter is trained and saved")
     add_lora_arguments(p)
 
 

@@ -329,7 +329,7 @@ class TranslateSettings:
             raise ConfigError("translation training needs --data (a folder or a TSV file)")
         if self.lora_rank is not None and self.init is None:
             raise ConfigError("LoRA trains an update to a translator that exists: give --init "
-                              "DIR (a trained encoder-decoder or a Marian/BART directory)")
+                              "DIR (a trained encoder-decoder)")
         if self.lora_rank is not None and self.family == "rnn":
             raise ConfigError("LoRA applies to the Transformer families, not to --family rnn")
         if self.family not in FAMILIES:
