@@ -85,10 +85,9 @@ def test_bad_shapes_and_reductions_are_clear_errors(shapes):
 
 
 def test_the_language_model_loss_uses_it():
-    from qkv.train.lm import next_token_loss
-
     import qkv
     from conftest import tiny_config
+    from qkv.train.lm import next_token_loss
 
     torch.manual_seed(0)
     model = qkv.Transformer(tiny_config(vocab_size=40, max_seq_len=16)).train()
