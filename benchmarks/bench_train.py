@@ -7,7 +7,10 @@ Three measurements (`--only` picks one):
               `GPT2LMHeadModel`, random weights and tokens, same batch. qkv runs its best CPU
               settings (bf16 autocast where the CPU has it; also with torch.compile for the
               shapes in --compile); Hugging Face runs fp32, and fp32 weights under
-              `torch.autocast("cpu", dtype=torch.bfloat16)`. Two shapes:
+              `torch.autocast("cpu", dtype=torch.bfloat16)`; a nanoGPT-style model
+              (_nanogpt.py) runs fp32, as nanoGPT trains on a CPU. Each row also prints its
+              fraction of the hardware limit: tokens/s x training FLOPs per token / the
+              measured bf16 matmul ceiling (_common.matmul_ceiling). Two shapes:
                 baby   nanoGPT's Shakespeare "baby GPT": 4 layers, 4 heads, d=128, context 64,
                        vocabulary 65, batch 12
                 gpt2   GPT-2 124M, batch 4 x 256
@@ -54,6 +57,7 @@ from _common import (
     eval_batches,
     hf_gpt2,
     make_optimizer,
+    matmul_ceiling,
     next_token_loss,
     param_count,
     peer_adamw,
@@ -66,6 +70,7 @@ from _common import (
     train_baby,
     training_attention,
 )
+from _nanogpt import NanoGPT, nanogpt_adamw
 
 import qkv
 
@@ -96,7 +101,7 @@ def qkv_step(cfg: qkv.ModelConfig, batch: torch.Tensor, precision: str, compile:
     x, y = batch[:, :-1], batch[:, 1:]  # (B, T) inputs and their next tokens
 
     def step() -> None:
-        with training_attention(CPU, precision):
+        with training_attention(CPU, precision, x.shape[1]):
             with autocast(CPU, precision):
                 loss = loss_fn(model, x, y)
             loss.backward()
@@ -127,8 +132,33 @@ def hf_step(cfg: qkv.ModelConfig, batch: torch.Tensor, precision: str):
     return step
 
 
+def nanogpt_step(cfg: qkv.ModelConfig, batch: torch.Tensor, bias: bool):
+    """The same step with the nanoGPT-style model of _nanogpt.py, in fp32 as nanoGPT runs on a
+    CPU (`bias`: with biases, as GPT-2; nanoGPT's baby is run without)."""
+    model = NanoGPT(cfg.vocab_size, cfg.max_seq_len, cfg.d_model, cfg.n_layers, cfg.n_heads,
+                    bias).train()
+    optimizer = nanogpt_adamw(model, 1e-4, 0.1)
+    x, y = batch[:, :-1], batch[:, 1:]
+
+    def step() -> None:
+        model(x, y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def flops_per_token(cfg: qkv.ModelConfig, context: int) -> float:
+    """Training FLOPs of one token, as nanoGPT's estimate_mfu (PaLM, appendix B): 6 per weight
+    that multiplies (every parameter but the position table; the tied output layer counts) and
+    12 * layers * d_model * context for the attention scores and their weighted sum."""
+    n = qkv.Transformer(cfg).num_parameters() - cfg.max_seq_len * cfg.d_model
+    return 6 * n + 12 * cfg.n_layers * cfg.d_model * context
+
+
 def throughput(shape: str, precision: str, rounds: int, steps: int, compile: bool,
-               n_threads: int) -> None:
+               n_threads: int, ceiling: float) -> None:
     overrides, B, T, _ = SHAPES[shape]
     cfg = qkv.presets.get("gpt2-124m", **overrides)  # GPT-2's architecture, as HF builds it
     torch.manual_seed(0)
@@ -138,6 +168,9 @@ def throughput(shape: str, precision: str, rounds: int, steps: int, compile: boo
         steppers[f"qkv {precision} +compile"] = qkv_step(cfg, batch, precision, compile=True)
     steppers["HF fp32"] = hf_step(cfg, batch, "fp32")
     steppers["HF bf16 autocast"] = hf_step(cfg, batch, "bf16")
+    bias = shape != "baby"  # nanoGPT's baby GPT is run with bias=False
+    nano = f"nanoGPT fp32{'' if bias else ' (no biases)'}"
+    steppers[nano] = nanogpt_step(cfg, batch, bias)
 
     def repeat(step):
         def run() -> None:
@@ -147,14 +180,17 @@ def throughput(shape: str, precision: str, rounds: int, steps: int, compile: boo
 
     best, warm = race({name: repeat(step) for name, step in steppers.items()}, rounds)
     speeds = {name: steps * B * T / seconds for name, seconds in best.items()}
-    notes = {}
+    per_token = flops_per_token(cfg, T)
+    notes = {name: f"{100 * speed * per_token / ceiling:4.1f}% of the bf16 matmul ceiling"
+             for name, speed in speeds.items()}
     if compile:
         name = f"qkv {precision} +compile"
-        notes[name] = f"(warm-up round with compiling: {warm[name]:.0f} s)"
+        notes[name] += f" (warm-up round with compiling: {warm[name]:.0f} s)"
     n = param_count(steppers[f"qkv {precision}"].model)
     print_table(f"train {shape}: {n / 1e6:.1f}M params, batch {B} x {T}, fused AdamW, "
-                f"{n_threads} threads, best of {rounds} rounds of {steps} steps",
-                speeds, "tok/s", notes)
+                f"{n_threads} threads, best of {rounds} rounds of {steps} steps; "
+                f"{per_token / 1e9:.3f} GFLOP/token, bf16 matmul ceiling "
+                f"{ceiling / 1e12:.2f} TFLOP/s", speeds, "tok/s", notes)
 
 
 # ---------------------------------------------------------------------- time to loss
@@ -318,9 +354,11 @@ def main() -> int:
     precision = resolve_precision(args.precision, CPU)
     with contextlib.suppress(KeyboardInterrupt):
         if args.only in (None, "throughput"):
+            ceiling = matmul_ceiling()  # this machine's bf16 FLOP/s, with these threads
             for shape in shapes:
                 steps = QUICK_STEPS[shape] if args.quick else SHAPES[shape][3]
-                throughput(shape, precision, rounds, steps, shape in compile_shapes, n_threads)
+                throughput(shape, precision, rounds, steps, shape in compile_shapes, n_threads,
+                           ceiling)
         if args.only in (None, "ttl"):
             time_to_loss(precision, target, args.peers, args.peer_max_steps, n_threads,
                          args.quick)

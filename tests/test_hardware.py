@@ -123,3 +123,19 @@ def test_a_generator_in_eval_mode_leaves_autograd_alone_between_its_yields():
     assert next(stream) is False
     stream.close()
     assert model.training
+
+
+@pytest.mark.parametrize("precision, length, math", [
+    ("bf16", 64, True), ("bf16", None, True), ("bf16", hw.FUSED_ATTENTION_FROM, False),
+    ("bf16", 1024, False), ("fp32", 64, False)])
+def test_training_attention_picks_the_kernel_by_precision_and_length(precision, length, math):
+    """bf16 on a CPU: the math kernel for short sequences, the fused one from 256 tokens."""
+    from torch.nn.attention import SDPBackend
+
+    calls = []
+    q = torch.randn(1, 2, 8, 4)
+    with hw.training_attention(torch.device("cpu"), precision, length):
+        calls.append(torch._fused_sdp_choice(q, q, q))
+    forced_math = calls[0] == SDPBackend.MATH.value if hasattr(SDPBackend.MATH, "value") \
+        else calls[0] == int(SDPBackend.MATH)
+    assert forced_math == math

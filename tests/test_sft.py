@@ -278,3 +278,27 @@ def test_losses_split_over_ranks_weighted_by_the_objective_add_up_to_the_whole(t
             rows, scale = shard(batch, objective.weight, rank, 2)
             parts.append(sft_loss(model, rows) * scale)
     assert torch.allclose(sum(parts) / 2, whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [[[0], [1], [2]], [[0, 1], [2]]])  # padded; packed and padded
+def test_token_losses_equal_the_full_logits_recipe_values_and_gradients(tok, rows):
+    """Only the answer positions reach the output layer and an unpacked batch runs without a
+    mask: the losses and the gradients are those of every position's logits, masked."""
+    from qkv.tasks.sft import segment_mask
+
+    model = _decoder(tok).train()
+    examples = [_qa("Capital of Brazil?", "Brasília"), _qa("2+2?", "4"),
+                _qa("Capital of Portugal, please?", "Lisboa")]
+    enc = encode_sft(examples, tok, default_template(tok), max_length=128)
+    batch = make_batch(enc.ids, enc.masks, rows, tok.pad_id or 0)
+    x, y, positions, segments = batch
+    assert (segments == 0).any()  # the rows are padded
+    logits = model.decode(x, tgt_mask=segment_mask(segments), positions=positions)
+    want = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    got = token_losses(model, batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    params = [p for p in model.parameters()]
+    g_got = torch.autograd.grad(got.sum(), params)
+    g_want = torch.autograd.grad(want.sum(), params)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -317,12 +317,14 @@ class Transformer(nn.Module):
         """The output layer: hidden vectors -> scores over the vocabulary (before softmax)."""
         return self.lm_head(self.mlm_transform(h))
 
-    def hidden_states(self, tokens: torch.Tensor,
-                      padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The last layer's vectors, (B, T, d): the encoder's, or the decoder's for decoders."""
+    def hidden_states(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The last layer's vectors, (B, T, d): the encoder's, or the decoder's for decoders
+        (whose mask may also be (B, T, T), as decode's tgt_mask). `positions` (B, T): each
+        token's position (default 0, 1, 2, ...)."""
         if self.encoder is not None:
-            return self.encode(tokens, padding_mask)
-        return self._decoder_states(tokens, None, None, padding_mask, None, None)
+            return self.encode(tokens, padding_mask, positions=positions)
+        return self._decoder_states(tokens, None, None, padding_mask, None, positions)
 
     def sentence_embedding(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
                            normalize: bool | None = None) -> torch.Tensor:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..batching import evaluating, model_device, pad_id
 from ..chat import TEMPLATE_FILE, ChatTemplate
@@ -47,6 +46,7 @@ from ..lora import apply_lora, describe_trainable, save_adapter
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ..train import LoopConfig, Objective, Schedule, fit, make_optimizer
+from ..train.loss import cross_entropy
 from .common import load_model
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -60,10 +60,20 @@ def segment_mask(segments: torch.Tensor) -> torch.Tensor:
 
 
 def token_losses(model: Transformer, batch: Batch) -> torch.Tensor:
-    """Cross-entropy of every target (B, T), 0 where the target is -100."""
+    """Cross-entropy of every target (B, T), 0 where the target is -100.
+
+    Only the positions with a target go through the output layer: with the loss on the answers,
+    the prompt and padding positions (often half a batch) cost no vocabulary-sized work. A batch
+    without packing (one example per row, padding at the end) needs no mask beyond the causal
+    one: a token never sees the padding after it."""
     x, y, positions, segments = batch
-    logits = model.decode(x, tgt_mask=segment_mask(segments), positions=positions)
-    losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+    mask = segment_mask(segments) if bool((segments > 1).any()) else None  # packed rows
+    h = model.hidden_states(x, mask, positions)  # (B, T, d_model)
+    kept = (y != -100).flatten()  # (B*T,)
+    logits = model.logits(h.flatten(0, 1)[kept])  # (n, vocab) for the n kept targets
+    losses = torch.zeros(y.numel(), dtype=torch.float32, device=y.device)
+    losses = losses.masked_scatter(kept, cross_entropy(logits, y.flatten()[kept],
+                                                       reduction="none"))  # fp32
     return losses.view_as(y)  # (B, T)
 
 

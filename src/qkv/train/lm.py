@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..batching import evaluating
 from ..checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_weights
@@ -44,6 +43,7 @@ from .checkpoint import STATE, damaged, find_training_checkpoint, read_state
 from .config import TrainConfig
 from .log import printer
 from .loop import LoopConfig, fit
+from .loss import cross_entropy
 from .objective import Objective
 from .optim import Schedule, make_optimizer
 
@@ -91,7 +91,7 @@ def next_token_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor,
                     reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of the next-token targets `y` (B, T) (-100: ignored) given inputs x (B, T)."""
     logits = model.logits(model.hidden_states(x))  # (B, T, vocab)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction=reduction)
+    return cross_entropy(logits.flatten(0, 1), y.flatten(), reduction=reduction)
 
 
 def mean_loss(model: torch.nn.Module, batches: list[Batch],

@@ -233,7 +233,8 @@ class _Fit:
         parameters' .grad (and, unless `accumulating`, synchronised across the ranks)."""
         device, precision = self.loop.device, self.loop.precision
         batch = tuple(t.to(device, non_blocking=True) for t in batch)
-        with training_attention(device, precision), self.par.accumulating(accumulating):
+        length = batch[0].shape[-1] if batch and batch[0].dim() >= 2 else None  # tokens per row
+        with training_attention(device, precision, length), self.par.accumulating(accumulating):
             with autocast(device, precision):
                 loss = self.par.call(loss_fn, batch)
             (loss * scale / self.loop.grad_accum).backward()
