@@ -93,8 +93,11 @@ class Served:
 
 
 def load_served(path: str, dtype: str = "fp32", name: str | None = None,
-                chat_template: str | None = None, device: str = "cpu") -> Served:
-    """Load a model directory for serving. dtype: fp32, bf16 or int8 (int8: CPU decoding)."""
+                chat_template: str | None = None, device: str = "cpu",
+                exact: bool = True) -> Served:
+    """Load a model directory for serving. dtype: fp32, bf16 or int8 (int8: CPU decoding).
+    int8 rounds each input row on its own range when `exact` (exact batching needs it; see
+    engine.py), else the whole batch on one (FBGEMM: faster for one stream)."""
     from pathlib import Path
 
     import torch
@@ -109,7 +112,7 @@ def load_served(path: str, dtype: str = "fp32", name: str | None = None,
     if dtype == "int8":
         from ..quantize import quantize_int8
 
-        quantize_int8(model)
+        quantize_int8(model, activations="int8-rows" if exact else "int8")
     model.eval()
     if chat_template is not None:
         template = ChatTemplate(Path(chat_template).read_text(encoding="utf-8"),
