@@ -23,7 +23,8 @@ How y = x @ W.T + b is computed. Two ways, chosen by `activations`:
   floats for the product. More exact (only the weights are rounded), slower where no fused
   kernel exists; used on GPUs and wherever FBGEMM is missing.
 - "int8-rows": like "int8", but each row of the input gets its own range (FBGEMM gives the whole
-  batch one), and the integer product is PyTorch's `torch._int_mm` (int8 x int8, int32 sums).
+  batch one; here two extra rows pin that range to the integer grid, so FBGEMM multiplies the
+  already-rounded rows as they are; without FBGEMM, `torch._int_mm` does the int8 product).
   Integer sums are exact, so their order does not matter, and nothing else mixes rows: a row's
   output is bit-identical whatever rows share the batch and however many there are. A server
   that batches independent requests (qkv.serve) needs that; FBGEMM's shared range does not
@@ -108,6 +109,8 @@ class Int8Linear(nn.Module):
         self._packed = None  # FBGEMM's pre-arranged copy of the weight, made on first use
         self._scale_bf16: torch.Tensor | None = None
         self._row_sums: torch.Tensor | None = None  # (out,) int32 sum_k Q_jk, for "int8-rows"
+        self._packed_no_bias = None
+        self._grid: torch.Tensor | None = None  # (2, in): rows of -128 and 127 (see _int8_rows)
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, activations: str = "int8") -> Int8Linear:
@@ -117,36 +120,54 @@ class Int8Linear(nn.Module):
         """The weight as floats again: (out, in)."""
         return self.qweight.to(dtype) * self.scale[:, None].to(dtype)
 
-    def _fbgemm(self) -> object:
-        if self._packed is None:
+    def _fbgemm(self, bias: bool = True) -> object:
+        """FBGEMM's pre-arranged weight, with the bias or (for "int8-rows") without."""
+        packed = self._packed if bias else self._packed_no_bias
+        if packed is None:
             with warnings.catch_warnings():  # quantized-tensor constructors warn of their future
                 warnings.simplefilter("ignore")
                 qw = _torch_private._make_per_channel_quantized_tensor(
                     self.qweight, self.scale.double(),
                     torch.zeros(self.out_features, dtype=torch.long), 0)
-                self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
-        return self._packed
+                packed = torch.ops.quantized.linear_prepack(qw, self.bias if bias else None)
+            if bias:
+                self._packed = packed
+            else:
+                self._packed_no_bias = packed
+        return packed
 
     def _int8_rows(self, x: torch.Tensor) -> torch.Tensor:
         """y = x W^T + b with every row of x rounded to int8 on its own range (see the module
-        docstring): exact int32 sums, so each output row depends on its input row only."""
+        docstring): exact integer sums, so each output row depends on its input row only."""
         flat = x.reshape(-1, self.in_features).float()  # (rows, in)
         lo, hi = torch.aminmax(flat, dim=1, keepdim=True)  # (rows, 1) each
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # 0 stays exact
         step = ((hi - lo) / 255).clamp(min=1e-12)  # (rows, 1)
         zero = torch.round(lo / step) + 128  # x ~ step * (q + zero), q in [-128, 127]
-        q = torch.round(flat / step).add_(-zero).clamp_(-128, 127).to(torch.int8)
+        q = torch.round(flat / step).sub_(zero).clamp_(-128, 127)  # (rows, in) whole numbers
         if self._row_sums is None:
-            self._row_sums = self.qweight.sum(dim=1, dtype=torch.int32)  # (out,)
-        acc = torch._int_mm(q, self.qweight.t())  # (rows, out) int32, exact
-        acc = acc.addcmul_(zero.to(torch.int32), self._row_sums)  # + zero * sum_k Q_jk
-        y = acc.float().mul_(step).mul_(self.scale)  # (rows, out)
+            self._row_sums = self.qweight.sum(dim=1, dtype=torch.int32)  # (out,) sum_k Q_jk
+        if fbgemm_available():
+            # FBGEMM rounds its input on one range for the whole batch; two more rows, all
+            # -128 and all 127, pin that range to the integer grid whatever the other rows
+            # hold, so q passes unchanged and each row gets FBGEMM's exact int32 sums, times
+            # scale[j] (no bias: it is added after the row's step).
+            if self._grid is None:
+                self._grid = torch.tensor([[-128.0], [127.0]]).expand(2, self.in_features)
+            out = torch.ops.quantized.linear_dynamic(torch.cat((q, self._grid)),
+                                                     self._fbgemm(bias=False), False)[:-2]
+            y = out.addcmul_(zero, self._row_sums * self.scale).mul_(step)  # (rows, out)
+        else:  # PyTorch's int8 x int8 -> int32 product
+            acc = torch._int_mm(q.to(torch.int8), self.qweight.t())  # (rows, out) int32
+            acc = acc.addcmul_(zero.to(torch.int32), self._row_sums)  # + zero * sum_k Q_jk
+            y = acc.float().mul_(step).mul_(self.scale)  # (rows, out)
         if self.bias is not None:
             y = y.add_(self.bias)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activations == "int8-rows" and _HAS_INT_MM and x.device.type == "cpu":
+        if self.activations == "int8-rows" and x.device.type == "cpu" and (
+                fbgemm_available() or _HAS_INT_MM):
             return self._int8_rows(x)
         if self.activations == "int8" and x.device.type == "cpu" and fbgemm_available():
             flat = x.reshape(-1, self.in_features).float()
