@@ -505,10 +505,13 @@ async def _events(req: _Request, request: Request | None, count: int) -> AsyncIt
     client that disconnects is noticed within a quarter of a second."""
     done, checked = 0, time.monotonic()
     while done < count:
-        try:
-            event = await asyncio.wait_for(req.queue.get(), timeout=0.25)
-        except asyncio.TimeoutError:
-            event = None
+        if request is None:  # streaming: a disconnect cancels this coroutine; no timer needed
+            event = await req.queue.get()
+        else:
+            try:
+                event = await asyncio.wait_for(req.queue.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                event = None
         if request is not None and time.monotonic() - checked >= 0.25:
             checked = time.monotonic()
             if await request.is_disconnected():
