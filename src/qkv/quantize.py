@@ -158,7 +158,7 @@ class Int8Linear(nn.Module):
                                                      self._fbgemm(bias=False), False)[:-2]
             y = out.addcmul_(zero, self._row_sums * self.scale).mul_(step)  # (rows, out)
         else:  # PyTorch's int8 x int8 -> int32 product
-            acc = torch._int_mm(q.to(torch.int8), self.qweight.t())  # (rows, out) int32
+            acc = _torch_private._int_mm(q.to(torch.int8), self.qweight.t())  # (rows, out) int32
             acc = acc.addcmul_(zero.to(torch.int32), self._row_sums)  # + zero * sum_k Q_jk
             y = acc.float().mul_(step).mul_(self.scale)  # (rows, out)
         if self.bias is not None:
