@@ -421,7 +421,7 @@ def main() -> int:
                          else ""))
     checks = [
         ("single-stream HTTP decode >= 90% of in-process (same weights)",
-         rate_http >= 0.9 * rate_in, f"{rate_http / rate_in:.0%}"),
+         rate_http >= 0.9 * rate_in, f"{rate_http / rate_in:.1%}"),
         (f"  (info) vs in-process at its fastest for {args.dtype}",
          rate_http >= 0.9 * rate_best, f"{rate_http / rate_best:.0%}"),
         ("time to first token <= 150 ms", ttft <= 0.150, f"{ttft * 1e3:.0f} ms"),
