@@ -1,18 +1,20 @@
 """`qkv serve` speed: HTTP against in-process decoding, batching, and a bounded load test.
 
-GPT-2 124M's shape with random weights (speed does not depend on the values), greedy, fp32
-(--dtype bf16 or int8 for the server and the in-process baseline alike; Hugging Face stays at
-fp32 and bf16 autocast), a character tokenizer (the output layer still has GPT-2's 50257 rows;
+GPT-2 124M's shape with random weights (speed does not depend on the values), greedy, bf16
+weights as `qkv serve` loads them by default (--dtype fp32 or int8 for the server and the
+in-process baseline alike; Hugging Face runs fp32, bf16 autocast and bf16 weights, and its best
+counts), a character tokenizer (the output layer still has GPT-2's 50257 rows;
 a bias forbids the ids the tokenizer lacks, so every generated token is text). The server is a
 real `qkv serve` subprocess on a loopback port; the client is this process (httpx).
 
 Measured, with the targets of the issue:
 1. single-stream decode over HTTP (tokens/s after the first token) vs in-process
-   `qkv.generate` on the same weights: >= 90%;
+   `qkv.generate` on the same weights: >= 90% (also shown against qkv.generate at its fastest
+   for that number format, e.g. FBGEMM's int8, which exact batching cannot use);
 2. time to first token for a 32-token prompt, streamed over HTTP: <= 150 ms;
 3. 8 concurrent streams, aggregate tokens/s: >= 3x one stream, and >= 2x Hugging Face
-   `generate` on a left-padded batch of the same 8 prompts in one process (fp32, and bf16
-   autocast, which is what a `transformers` user would do);
+   `generate` on a left-padded batch of the same 8 prompts in one process, at its best of fp32,
+   bf16 autocast and bf16 weights (what a `transformers` user would do);
 4. load test: 100 concurrent clients (streaming, plain, and ones that disconnect after two
    chunks): 0 errors but the expected 429s, 0 hangs, p50/p99 latency, and the server's memory
    (RSS) before, after one round and after a second round.
@@ -67,6 +69,26 @@ def build(quick: bool) -> tuple[qkv.Transformer, qkv.Tokenizer]:
         forbidden = [tok.pad_id, tok.unk_id, tok.eos_id, *range(tok.vocab_size, cfg.vocab_size)]
         model.lm_head.bias[forbidden] = -1e4  # only text tokens, and no end-of-text
     return model, tok
+
+
+DEFAULT_DTYPE = "bf16"  # qkv serve's default
+FASTEST = {"fp32": "nn.Linear", "bf16": "torch.mv, qkv.quantize.use_matrix_vector",
+           "int8": "FBGEMM, int8 inputs on one range per batch"}
+
+
+def converted(model: qkv.Transformer, dtype: str, exact: bool,
+              fastest: bool = False) -> qkv.Transformer:
+    """A copy of `model` in `dtype` as `qkv serve --dtype` loads it (`exact`: exact batching),
+    or (`fastest`) as qkv decodes one stream fastest in that format."""
+    from qkv.quantize import use_matrix_vector
+
+    if dtype == "fp32":
+        return model
+    if dtype == "bf16":
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        return use_matrix_vector(bf16) if fastest else bf16
+    return qkv.quantize_int8(copy.deepcopy(model),
+                             activations="int8-rows" if exact and not fastest else "int8")
 
 
 def prompts(n: int, length: int) -> list[str]:
@@ -158,14 +180,18 @@ def in_process(model, tok, prompt: str, new: int, rounds: int) -> tuple[float, f
     return best_rate, best_ttft
 
 
-def step_costs(model, tok, max_seqs: int = 8, repeats: int = 6) -> dict[str, float]:
+def step_costs(model, tok, max_seqs: int = 8, repeats: int = 6,
+               exact: bool = True) -> dict[str, float]:
     """Seconds per decoding step, best of `repeats` x 2, without HTTP: the engine's step for one
-    and for `max_seqs` sequences (exact batching: always `max_seqs` rows), and the one-row step
-    of `qkv.generate`. They interleave, so a busy machine slows them alike."""
+    and for `max_seqs` sequences (exact batching: max(live, width_from) rows), and the one-row
+    step of `qkv.generate`. They interleave, so a busy machine slows them alike."""
     from qkv.serve import Engine, Sampling, Sequence
 
-    engine = Engine(model, tok, max_seqs=max_seqs)
+    engine = Engine(model, tok, max_seqs=max_seqs, exact=exact)
     engine.close()  # its thread is not needed: the steps are called here
+    print(f"engine: exact batching {'verified' if engine.exact_verified else 'NOT verified'}"
+          f" from a width of {engine.width_from} rows" if exact else "engine: not exact",
+          flush=True)
 
     def sequences(k: int) -> list:
         seqs = [Sequence(tok.encode(TEXT[:32], add_special_tokens=False),
@@ -216,9 +242,10 @@ def concurrent_streams(url: str, texts: list[str], new: int) -> tuple[float, lis
     return total / wall, results
 
 
-def hf_padded_batch(model_cfg, tok, texts: list[str], new: int, bf16: bool,
+def hf_padded_batch(model_cfg, tok, texts: list[str], new: int, setting: str,
                     rounds: int) -> float:
-    """Hugging Face `generate` on a left-padded batch of the prompts: aggregate tokens/s."""
+    """Hugging Face `generate` on a left-padded batch of the prompts: aggregate tokens/s.
+    setting: "fp32", "bf16 autocast" (fp32 weights) or "bf16 weights" (`model.to(bf16)`)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(vocab_size=model_cfg.vocab_size, n_positions=model_cfg.max_seq_len,
@@ -226,18 +253,22 @@ def hf_padded_batch(model_cfg, tok, texts: list[str], new: int, bf16: bool,
                      n_head=model_cfg.n_heads)
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(cfg).eval()
+    if setting == "bf16 weights":
+        hf = hf.to(torch.bfloat16)
     rows = [tok.encode(t, add_special_tokens=False) for t in texts]
     width = max(len(r) for r in rows)
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     best = 0.0
-    for _ in range(rounds):
+    for r in range(rounds + 1):  # the first call warms up
         start = time.perf_counter()
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16,
+                                                    enabled=setting == "bf16 autocast"):
             out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                               do_sample=False, pad_token_id=0)
         elapsed = time.perf_counter() - start
-        best = max(best, (out.shape[1] - width) * len(rows) / elapsed)
+        if r:
+            best = max(best, (out.shape[1] - width) * len(rows) / elapsed)
     return best
 
 
@@ -299,12 +330,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, help="PyTorch threads, here and in the server")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     ap.add_argument("--steps-only", action="store_true",
-                    help="only the cost of one decoding step, engine vs qkv.generate (fp32)")
+                    help="only the cost of one decoding step, engine vs qkv.generate")
     ap.add_argument("--exact-batching", action=argparse.BooleanOptionalAction, default=True,
                     help="the server's --exact-batching (default) or --no-exact-batching")
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "int8"),
+    ap.add_argument("--dtype", default=DEFAULT_DTYPE, choices=("fp32", "bf16", "int8"),
                     help="the weights of the server and of the in-process baseline (default "
-                    "fp32; the exact-batching guarantee is for fp32)")
+                    f"{DEFAULT_DTYPE}, as `qkv serve`)")
     args = ap.parse_args()
     new = args.new_tokens or (16 if args.quick else 128)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -312,32 +343,35 @@ def main() -> int:
     threads = set_threads(args.threads)
     model, tok = build(args.quick)
     cfg = model.config
-    served = model  # what the in-process baseline runs: the server's number format
-    if args.dtype == "bf16":
-        served = copy.deepcopy(model).to(torch.bfloat16)
-    elif args.dtype == "int8":
-        served = qkv.quantize_int8(copy.deepcopy(model))
+    served = converted(model, args.dtype, args.exact_batching)  # what the server runs
+    fastest = converted(model, args.dtype, exact=False, fastest=True)  # qkv.generate's best
     prompt_len = 32
     texts = prompts(8, prompt_len)
     print(f"model: {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}, "
           f"{model.num_parameters() / 1e6:.1f}M parameters, {args.dtype}; {threads} threads; "
           f"{new} new tokens; {rounds} round(s)", flush=True)
 
-    costs = step_costs(model, tok)
+    costs = step_costs(served, tok, exact=args.exact_batching)
     for name, seconds in costs.items():
         print(f"one decoding step, {name}: {seconds * 1e3:.1f} ms (no HTTP)", flush=True)
     if args.steps_only:
         return 0
     rate_in, ttft_in = in_process(served, tok, texts[0], new, rounds)
-    del served
-    print(f"in-process qkv.generate: {rate_in:.1f} tok/s, first token {ttft_in * 1e3:.0f} ms",
-          flush=True)
+    print(f"in-process qkv.generate, the server's weights ({args.dtype}"
+          f"{', int8-rows' if served is not fastest and args.dtype == 'int8' else ''}): "
+          f"{rate_in:.1f} tok/s, first token {ttft_in * 1e3:.0f} ms", flush=True)
+    rate_best = rate_in
+    if fastest is not served:
+        rate_best = in_process(fastest, tok, texts[0], new, rounds)[0]
+        print(f"in-process qkv.generate at its fastest for {args.dtype} "
+              f"({FASTEST[args.dtype]}): {rate_best:.1f} tok/s", flush=True)
+    del served, fastest
     hf = {}
     if not args.no_hf:
-        for bf16 in (False, True):
-            hf["bf16" if bf16 else "fp32"] = hf_padded_batch(cfg, tok, texts, new, bf16, rounds)
-            print(f"HF generate, padded batch of 8, {'bf16 autocast' if bf16 else 'fp32'}: "
-                  f"{hf['bf16' if bf16 else 'fp32']:.1f} tok/s", flush=True)
+        for setting in ("fp32", "bf16 autocast", "bf16 weights"):
+            hf[setting] = hf_padded_batch(cfg, tok, texts, new, setting, rounds)
+            print(f"HF generate, padded batch of 8, {setting}: {hf[setting]:.1f} tok/s",
+                  flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         qkv.save(model, tok, Path(tmp) / "bench")
@@ -386,14 +420,21 @@ def main() -> int:
     print("\ntargets" + (" (--quick: a tiny model, not the targets' shape)" if args.quick
                          else ""))
     checks = [
-        ("single-stream HTTP decode >= 90% of in-process", rate_http >= 0.9 * rate_in,
-         f"{rate_http / rate_in:.0%}"),
+        ("single-stream HTTP decode >= 90% of in-process (same weights)",
+         rate_http >= 0.9 * rate_in, f"{rate_http / rate_in:.1%}"),
+        (f"  (info) vs in-process at its fastest for {args.dtype}",
+         rate_http >= 0.9 * rate_best, f"{rate_http / rate_best:.0%}"),
         ("time to first token <= 150 ms", ttft <= 0.150, f"{ttft * 1e3:.0f} ms"),
         ("8 streams >= 3x one stream", agg >= 3 * single_agg, f"{agg / single_agg:.2f}x"),
     ]
-    for name, value in hf.items():
-        checks.append((f"8 streams >= 2x HF padded batch ({name})", agg >= 2 * value,
-                       f"{agg / value:.2f}x"))
+    if hf:
+        best_hf = max(hf, key=lambda k: hf[k])
+        checks.append((f"8 streams >= 2x HF padded batch at its best ({best_hf})",
+                       agg >= 2 * hf[best_hf], f"{agg / hf[best_hf]:.2f}x"))
+        for name, value in hf.items():
+            if name != best_hf:
+                checks.append((f"  (info) vs HF {name}", agg >= 2 * value,
+                               f"{agg / value:.2f}x"))
     errors = load1["errors"] + load2["errors"]
     hangs = load1["hangs"] + load2["hangs"]
     checks.append(("load test: 0 errors but 429s, 0 hangs", errors == 0 and hangs == 0,

@@ -227,3 +227,17 @@ def test_a_wide_beam_finds_the_best_translation_by_exhaustive_search(length_pena
     found = generate_seq2seq(model, src, max_new_tokens=3, beam_size=200,
                              length_penalty=length_penalty)
     assert found == [best]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_logit_anywhere(bad):
+    from qkv.generate import all_finite
+
+    logits = torch.randn(8, 1000)
+    assert all_finite(logits)
+    for row, col in ((0, 0), (7, 999), (3, 500)):
+        broken = logits.clone()
+        broken[row, col] = bad
+        assert not all_finite(broken)
+        with pytest.raises(qkv.InputError, match="NaN/inf"):
+            sample_next(broken, temperature=0)

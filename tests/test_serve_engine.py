@@ -253,3 +253,51 @@ def test_mixed_load_of_streaming_plain_and_disconnecting_clients():
         assert set(outcomes) <= {200, 429}, outcomes
         assert outcomes.count(200) >= 8
         assert wait_until_idle(app.state.qkv.engine, 2.0) <= 2.0
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8-rows"])
+def test_bf16_and_int8_rows_run_a_lone_sequence_on_one_row_and_stay_exact(dtype):
+    """The engine's probe finds that bf16 and per-row int8 give the same bits at every width,
+    so a lone sequence runs one row (as qkv.generate does), and its logits still do not change
+    beside seven others."""
+    model, tok = tiny_decoder(d_model=64, n_heads=4, n_layers=3)
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    else:
+        qkv.quantize_int8(model, activations="int8-rows")
+    engine = Engine(model, tok, max_seqs=8)
+    engine.close()
+    assert engine.exact_verified and engine.width_from == 1
+    assert engine.stats()["exact"] and engine.stats()["width_from"] == 1
+    alone, text_alone = run_engine(model, tok, [PROMPTS[1]], 0)
+    batched, text_batched = run_engine(model, tok, PROMPTS, 1)
+    assert all(torch.equal(a, b) for a, b in zip(alone, batched, strict=True))
+    assert text_alone == text_batched
+    assert text_alone == qkv.generate(model, tok, PROMPTS[1], max_new_tokens=40, temperature=0)
+
+
+def test_the_probe_catches_rows_that_depend_on_their_neighbours():
+    """FBGEMM's int8 inputs share one range per batch: the probe says so (no exact batching),
+    and qkv serve's loader picks "int8-rows" instead when batching must be exact."""
+    from qkv.quantize import fbgemm_available
+
+    if not fbgemm_available():
+        pytest.skip("no FBGEMM on this machine: its int8 path is not used")
+    model, tok = tiny_decoder(d_model=64, n_heads=4, n_layers=3)
+    qkv.quantize_int8(model, activations="int8")
+    engine = Engine(model, tok, max_seqs=8)
+    engine.close()
+    assert not engine.exact_verified and not engine.stats()["exact"]
+
+
+def test_fp32_keeps_the_full_width_where_narrower_steps_change_the_bits():
+    model, tok = tiny_decoder(d_model=64, n_heads=4, n_layers=3)
+    engine = Engine(model, tok, max_seqs=8)
+    engine.close()
+    assert engine.exact_verified and 1 <= engine.width_from <= 8
+    layer = torch.nn.Linear(64, 192)
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        one_row_differs = not torch.equal(layer(x[:1]), layer(x)[:1])
+    if one_row_differs:  # MKL's one-row path: then a lone fp32 sequence may not run alone
+        assert engine.width_from > 1

@@ -22,6 +22,18 @@ How y = x @ W.T + b is computed. Two ways, chosen by `activations`:
 - "float" (weight-only): the input stays in floating point and the int8 weight is scaled back to
   floats for the product. More exact (only the weights are rounded), slower where no fused
   kernel exists; used on GPUs and wherever FBGEMM is missing.
+- "int8-rows": like "int8", but each row of the input gets its own range (FBGEMM gives the whole
+  batch one; here two extra rows pin that range to the integer grid, so FBGEMM multiplies the
+  already-rounded rows as they are; without FBGEMM, `torch._int_mm` does the int8 product).
+  Integer sums are exact, so their order does not matter, and nothing else mixes rows: a row's
+  output is bit-identical whatever rows share the batch and however many there are. A server
+  that batches independent requests (qkv.serve) needs that; FBGEMM's shared range does not
+  give it. With an input row x rounded to q (int8) with step s and zero point z
+  (x ~ s * (q + z)):
+
+      x . W_j ~ s * scale[j] * (q . Q_j  +  z * sum_k Q_jk)
+
+  the second term precomputed per output row.
 
 Quality is measured, not assumed: benchmarks/bench_decode.py prints the validation loss of a
 trained model with fp32, bf16 and int8 weights (see docs/training.md).
@@ -48,12 +60,13 @@ from torch.nn import functional as F
 
 from .errors import InputError
 
-ACTIVATIONS = ("int8", "float")
+ACTIVATIONS = ("int8", "int8-rows", "float")
 # Two private torch functions, used on purpose (no public equivalent): the per-channel quantized
 # tensor that FBGEMM's prepack takes, and the weight-only int8 kernel. torch's stubs do not
 # export them, hence the cast.
 _torch_private: Any = cast(Any, torch)
 _HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
+_HAS_INT_MM = hasattr(torch, "_int_mm")
 
 
 def _check_activations(activations: str) -> None:
@@ -95,6 +108,9 @@ class Int8Linear(nn.Module):
         self.activations = activations
         self._packed = None  # FBGEMM's pre-arranged copy of the weight, made on first use
         self._scale_bf16: torch.Tensor | None = None
+        self._row_sums: torch.Tensor | None = None  # (out,) int32 sum_k Q_jk, for "int8-rows"
+        self._packed_no_bias = None
+        self._grid: torch.Tensor | None = None  # (2, in): rows of -128 and 127 (see _int8_rows)
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, activations: str = "int8") -> Int8Linear:
@@ -104,17 +120,55 @@ class Int8Linear(nn.Module):
         """The weight as floats again: (out, in)."""
         return self.qweight.to(dtype) * self.scale[:, None].to(dtype)
 
-    def _fbgemm(self) -> object:
-        if self._packed is None:
+    def _fbgemm(self, bias: bool = True) -> object:
+        """FBGEMM's pre-arranged weight, with the bias or (for "int8-rows") without."""
+        packed = self._packed if bias else self._packed_no_bias
+        if packed is None:
             with warnings.catch_warnings():  # quantized-tensor constructors warn of their future
                 warnings.simplefilter("ignore")
                 qw = _torch_private._make_per_channel_quantized_tensor(
                     self.qweight, self.scale.double(),
                     torch.zeros(self.out_features, dtype=torch.long), 0)
-                self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
-        return self._packed
+                packed = torch.ops.quantized.linear_prepack(qw, self.bias if bias else None)
+            if bias:
+                self._packed = packed
+            else:
+                self._packed_no_bias = packed
+        return packed
+
+    def _int8_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x W^T + b with every row of x rounded to int8 on its own range (see the module
+        docstring): exact integer sums, so each output row depends on its input row only."""
+        flat = x.reshape(-1, self.in_features).float()  # (rows, in)
+        lo, hi = torch.aminmax(flat, dim=1, keepdim=True)  # (rows, 1) each
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # 0 stays exact
+        step = ((hi - lo) / 255).clamp(min=1e-12)  # (rows, 1)
+        zero = torch.round(lo / step) + 128  # x ~ step * (q + zero), q in [-128, 127]
+        q = torch.round(flat / step).sub_(zero).clamp_(-128, 127)  # (rows, in) whole numbers
+        if self._row_sums is None:
+            self._row_sums = self.qweight.sum(dim=1, dtype=torch.int32)  # (out,) sum_k Q_jk
+        if fbgemm_available():
+            # FBGEMM rounds its input on one range for the whole batch; two more rows, all
+            # -128 and all 127, pin that range to the integer grid whatever the other rows
+            # hold, so q passes unchanged and each row gets FBGEMM's exact int32 sums, times
+            # scale[j] (no bias: it is added after the row's step).
+            if self._grid is None:
+                self._grid = torch.tensor([[-128.0], [127.0]]).expand(2, self.in_features)
+            out = torch.ops.quantized.linear_dynamic(torch.cat((q, self._grid)),
+                                                     self._fbgemm(bias=False), False)[:-2]
+            y = out.addcmul_(zero, self._row_sums * self.scale).mul_(step)  # (rows, out)
+        else:  # PyTorch's int8 x int8 -> int32 product
+            acc = _torch_private._int_mm(q.to(torch.int8), self.qweight.t())  # (rows, out) int32
+            acc = acc.addcmul_(zero.to(torch.int32), self._row_sums)  # + zero * sum_k Q_jk
+            y = acc.float().mul_(step).mul_(self.scale)  # (rows, out)
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations == "int8-rows" and x.device.type == "cpu" and (
+                fbgemm_available() or _HAS_INT_MM):
+            return self._int8_rows(x)
         if self.activations == "int8" and x.device.type == "cpu" and fbgemm_available():
             flat = x.reshape(-1, self.in_features).float()
             # reduce_range=False: the full 8 bits for the input; the int32 sums of VNNI/AMX
@@ -151,8 +205,8 @@ def quantize_int8(model: nn.Module, activations: str = "int8") -> nn.Module:
     _check_activations(activations)  # before the model is touched
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise InputError("the model has no linear layers to quantize (already quantized?)")
-    if activations == "int8" and next(model.parameters()).dtype != torch.float32:
-        model.float()  # FBGEMM takes fp32 inputs; the non-linear parts are tiny
+    if activations != "float" and next(model.parameters()).dtype != torch.float32:
+        model.float()  # the int8 paths round fp32 inputs; the non-linear parts are tiny
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):  # MatrixVectorLinear too

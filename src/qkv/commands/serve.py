@@ -34,8 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", metavar="KEY",
                    help="require `Authorization: Bearer KEY` on every request (or set "
                    "QKV_API_KEY)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "int8"),
-                   help="weights' number format (default fp32; int8 decodes fastest on a CPU)")
+    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "int8"),
+                   help="weights' number format (default bf16: exact batching on one row for a "
+                   "lone stream; int8 decodes fastest on a CPU; fp32 steps at --max-seqs rows)")
     p.add_argument("--model-name", metavar="NAME",
                    help="the model id clients send (default: the directory's name)")
     p.add_argument("--chat-template", metavar="FILE",
@@ -49,9 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, metavar="N",
                    help="the largest request body (default 1 MiB)")
     p.add_argument("--exact-batching", action=argparse.BooleanOptionalAction, default=True,
-                   help="decode on a fixed width of --max-seqs rows, so that greedy and seeded "
-                   "text is the same alone or under load (default); --no-exact-batching runs "
-                   "only the live rows: faster for a lone stream, text may vary under load")
+                   help="greedy and seeded text is the same alone or under load (default): "
+                   "steps keep the width from which the model's rows are bit-identical, "
+                   "measured at start; --no-exact-batching runs only the live rows (and int8 "
+                   "on FBGEMM): faster for a lone fp32 or int8 stream, text may vary under load")
     p.add_argument("--threads", type=positive_int, metavar="N",
                    help="PyTorch threads (default: one per idle CPU)")
     p.set_defaults(func=run)
@@ -85,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     server: uvicorn.Server | None = None
 
     def load():
-        return load_served(args.dir, args.dtype, args.model_name, args.chat_template)
+        return load_served(args.dir, args.dtype, args.model_name, args.chat_template,
+                           exact=args.exact_batching)
 
     def on_load_error(e: BaseException) -> None:
         failed.append(e)

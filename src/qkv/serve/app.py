@@ -93,8 +93,11 @@ class Served:
 
 
 def load_served(path: str, dtype: str = "fp32", name: str | None = None,
-                chat_template: str | None = None, device: str = "cpu") -> Served:
-    """Load a model directory for serving. dtype: fp32, bf16 or int8 (int8: CPU decoding)."""
+                chat_template: str | None = None, device: str = "cpu",
+                exact: bool = True) -> Served:
+    """Load a model directory for serving. dtype: fp32, bf16 or int8 (int8: CPU decoding).
+    int8 rounds each input row on its own range when `exact` (exact batching needs it; see
+    engine.py), else the whole batch on one (FBGEMM: faster for one stream)."""
     from pathlib import Path
 
     import torch
@@ -109,7 +112,7 @@ def load_served(path: str, dtype: str = "fp32", name: str | None = None,
     if dtype == "int8":
         from ..quantize import quantize_int8
 
-        quantize_int8(model)
+        quantize_int8(model, activations="int8-rows" if exact else "int8")
     model.eval()
     if chat_template is not None:
         template = ChatTemplate(Path(chat_template).read_text(encoding="utf-8"),
@@ -502,10 +505,13 @@ async def _events(req: _Request, request: Request | None, count: int) -> AsyncIt
     client that disconnects is noticed within a quarter of a second."""
     done, checked = 0, time.monotonic()
     while done < count:
-        try:
-            event = await asyncio.wait_for(req.queue.get(), timeout=0.25)
-        except asyncio.TimeoutError:
-            event = None
+        if request is None:  # streaming: a disconnect cancels this coroutine; no timer needed
+            event = await req.queue.get()
+        else:
+            try:
+                event = await asyncio.wait_for(req.queue.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                event = None
         if request is not None and time.monotonic() - checked >= 0.25:
             checked = time.monotonic()
             if await request.is_disconnected():

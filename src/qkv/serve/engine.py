@@ -11,25 +11,36 @@ One thread owns the model. It loops:
 A sequence joins and leaves the batch at any step, so a short request never waits for a long one
 (Yu et al. 2022, "Orca", call this iteration-level scheduling).
 
-Same text alone or in a batch. The step runs every linear layer on a batch of exactly
-`max_seqs` rows, whatever the number of running sequences (empty slots are zeros). A matrix
-product's rows are computed the same way for the same shapes, but not across shapes (PyTorch's
-CPU kernels sum in a different order for one row than for eight), so a fixed width keeps each
-row's numbers independent of its neighbours. Attention, whose inputs have a different length
-for every sequence, runs per sequence on its own cache: no padding, no mask (the model does
-this when `Transformer.next_token_logits` is given a list of caches, one per row). The prefill
-runs per sequence too. So a greedy or seeded request gives the same tokens alone or beside
-others.
+Same text alone or in a batch. A matrix product's rows are not always computed the same way
+for different numbers of rows: PyTorch's fp32 CPU kernels sum one row in a different order than
+eight. Attention, whose inputs have a different length for every sequence, runs per sequence on
+its own cache: no padding, no mask (the model does this when `Transformer.next_token_logits` is
+given a list of caches, one per row); the prefill runs per sequence too. What remains is the
+width of the step's linear layers, and the engine measures, when it starts, from which width
+on a row's logits stop depending on it: it runs a few probe sequences at every width from
+`max_seqs` down, and beside different neighbours, and keeps the narrowest width that gives the
+same bits (`width_from`). A step then has max(running sequences, width_from) rows, the rows
+after the live ones filler (token 0). So a greedy or seeded request gives the same tokens alone
+or beside others:
 
-A fixed width costs little on a CPU if the weights are packed for it: fp32 linear layers of the
-step use MKL's packed matrix product (`torch.ops.mkl._mkl_linear`, the kernel PyTorch's own
+- bf16 weights (oneDNN's kernels) and int8 weights with per-row int8 inputs (`Int8Linear`'s
+  "int8-rows": exact integer sums) give the same bits at every width: a lone sequence runs one
+  row, and eight rows cost little more than one, because the time goes into reading weights;
+- fp32 on MKL changes between one row and two (and the packed product below differs from the
+  plain one), so fp32 runs at the full `max_seqs` width.
+
+For fp32 the fixed width costs little if the weights are packed for it: fp32 linear layers of
+the step use MKL's packed matrix product (`torch.ops.mkl._mkl_linear`, the kernel PyTorch's own
 compiler uses for CPU inference), which lays each weight out once for a batch of `max_seqs`
 rows instead of at every call; eight rows then cost about what one row costs with `nn.Linear`.
 The price is a second copy of the weights in memory; `pack=False` turns it off.
 
-`exact=False` gives up the guarantee for speed when few sequences run: the step then has as
-many rows as running sequences, so a lone sequence costs what it costs in `qkv.generate`, but
-its text may change (by an fp32 rounding that flips an argmax) when others join it.
+A model whose rows depend on their neighbours' values (FBGEMM's int8 inputs share one range
+per batch: `quantize_int8(activations="int8")`) fails the probe: `exact_verified` is then
+False and the guarantee does not hold (`qkv serve --dtype int8` uses "int8-rows" for this).
+
+`exact=False` gives up the guarantee for speed: the step then has as many rows as running
+sequences, whatever the probe says.
 
 Waiting requests are bounded (`max_queue`); beyond that `submit` raises QueueFull (HTTP 429).
 """
@@ -38,6 +49,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import functools
 import threading
 import time
@@ -109,6 +121,12 @@ class Engine:
         self.exact = exact
         self.packed = _PackedLinears(model, max_seqs) if pack else _PackedLinears(None, 0)
         self.max_seqs, self.max_queue = max_seqs, max_queue
+        self.device = model_device(model)
+        # The narrowest step that keeps every row's numbers (see the module docstring), and
+        # whether rows are independent of their neighbours at all; measured for decoders.
+        self.width_from, self.exact_verified = max_seqs, False
+        if exact and model.config.family == "decoder":
+            self.width_from, self.exact_verified = self._probe_widths()
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.jobs: collections.deque[tuple[Callable[[], object], Callable]] = collections.deque()
         self.running: list[Sequence] = []
@@ -116,7 +134,6 @@ class Engine:
         self.stopping = False
         self.steps = 0  # decoding steps run (for tests and stats)
         self.peak = 0  # the most sequences decoded in one step so far
-        self.device = model_device(model)
         self.thread = threading.Thread(target=self._loop, name="qkv-serve-engine", daemon=True)
         self.thread.start()
 
@@ -146,7 +163,8 @@ class Engine:
     def stats(self) -> dict:
         return {"running": len(self.running), "waiting": len(self.waiting),
                 "max_seqs": self.max_seqs, "max_queue": self.max_queue, "steps": self.steps,
-                "peak_running": self.peak}
+                "peak_running": self.peak, "exact": self.exact and self.exact_verified,
+                "width_from": self.width_from if self.exact else 1}
 
     def close(self) -> None:
         with self.lock:
@@ -221,11 +239,45 @@ class Engine:
         self.running.append(seq)
 
     @torch.inference_mode()
+    def _probe_widths(self) -> tuple[int, bool]:
+        """(width_from, exact_verified): the narrowest step width from which a row's logits are
+        the same bits at every wider width, and whether they are the same beside different
+        neighbours. Probe sequences of a few random tokens, each with its own cache, step at
+        every width from max_seqs down (the caches copied for each run)."""
+        model, W = self.model, self.max_seqs
+        vocab = model.config.vocab_size
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, vocab, (1, 2 + r % 3), generator=gen) for r in range(2 * W)]
+        caches = []
+        for p in prompts:
+            caches.append(model.new_cache())
+            model.next_token_logits(p.to(self.device), caches[-1])
+        nexts = torch.randint(0, vocab, (2 * W, 1), generator=gen)
+
+        def step(rows: list[int], width: int) -> torch.Tensor:  # (len(rows), V)
+            ids = torch.zeros(width, 1, dtype=torch.long)  # (width, 1), filler after the rows
+            ids[:len(rows)] = nexts[rows]
+            with self.packed.active():
+                logits = model.next_token_logits(ids.to(self.device),
+                                                 copy.deepcopy([caches[r] for r in rows]))
+            return logits[:len(rows)]
+
+        full = step(list(range(W)), W)
+        others = step([0, *range(W + 1, 2 * W)], W)  # row 0 beside other neighbours
+        if not torch.equal(full[:1], others[:1]):
+            return W, False
+        width = W
+        while width > 1 and torch.equal(step(list(range(width - 1)), width - 1),
+                                        full[:width - 1]):
+            width -= 1
+        return width, True
+
+    @torch.inference_mode()
     def _step(self, seqs: list[Sequence]) -> None:
-        """One new token for each running sequence, linear layers on `max_seqs` rows (on as
-        many rows as sequences when not `exact`): each live row against its own cache, the
-        rows after them filler (token 0)."""
-        W = self.max_seqs if self.exact else len(seqs)
+        """One new token for each running sequence, linear layers on max(len(seqs),
+        width_from) rows (on as many rows as sequences when not `exact`): each live row against
+        its own cache, the rows after them filler (token 0)."""
+        W = max(len(seqs), self.width_from) if self.exact else len(seqs)
         ids = torch.zeros(W, 1, dtype=torch.long, device=self.device)  # (W, 1)
         ids[:len(seqs), 0] = torch.tensor([seq.last_token for seq in seqs])
         caches = [seq.cache for seq in seqs if seq.cache is not None]
