@@ -34,9 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", metavar="KEY",
                    help="require `Authorization: Bearer KEY` on every request (or set "
                    "QKV_API_KEY)")
-    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "int8"),
-                   help="weights' number format (default bf16: exact batching on one row for a "
-                   "lone stream; int8 decodes fastest on a CPU; fp32 steps at --max-seqs rows)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "int8"),
+                   help="weights' number format (default auto: bf16 where the CPU computes it "
+                   "natively, else fp32; bf16 keeps exact batching on one row for a lone "
+                   "stream; int8 decodes fastest on a CPU; fp32 steps at --max-seqs rows)")
     p.add_argument("--model-name", metavar="NAME",
                    help="the model id clients send (default: the directory's name)")
     p.add_argument("--chat-template", metavar="FILE",
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoint import read_config_json
     from ..errors import InputError
-    from ..hardware import set_threads
+    from ..hardware import fast_bf16, set_threads
 
     try:
         import uvicorn
@@ -87,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
     server: uvicorn.Server | None = None
 
     def load():
-        return load_served(args.dir, args.dtype, args.model_name, args.chat_template,
+        dtype = args.dtype
+        if dtype == "auto":
+            dtype = "bf16" if fast_bf16("cpu") else "fp32"
+        return load_served(args.dir, dtype, args.model_name, args.chat_template,
                            exact=args.exact_batching)
 
     def on_load_error(e: BaseException) -> None:
