@@ -28,6 +28,17 @@ settings.load_profile(os.environ.get("QKV_FUZZ_PROFILE", "ci"))
 torch.set_num_threads(1)
 
 
+# Six short captions the embedding and search tests share.
+CAPTIONS = [
+    "A brown dog runs along the sandy beach.",
+    "Two children eat ice cream on a bench.",
+    "A man plays the guitar on a street corner.",
+    "A woman rides a bicycle through the city.",
+    "Snow covers the mountains behind a small cabin.",
+    "A chef cooks pasta in a busy kitchen.",
+]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -9,18 +9,12 @@ import pytest
 import torch
 
 import qkv
+from conftest import CAPTIONS
 from qkv import embeddings
 from qkv.embeddings import bf16_copy, encode_sentences, token_ids
 from qkv.hub import packaged_minilm_path
 
-TEXTS = [
-    "A brown dog runs along the sandy beach.",
-    "Two children eat ice cream on a bench.",
-    "A man plays the guitar on a street corner.",
-    "A woman rides a bicycle through the city.",
-    "Snow covers the mountains behind a small cabin.",
-    "A chef cooks pasta in a busy kitchen.",
-]
+TEXTS = CAPTIONS
 
 
 def tiny(seed: int = 0) -> tuple[qkv.Transformer, qkv.Tokenizer]:

@@ -8,19 +8,11 @@ import pytest
 import torch
 
 import qkv
+from conftest import CAPTIONS
 from qkv.cli import main
 from qkv.errors import InputError
 from qkv.hub import packaged_minilm_path
 from qkv.tasks.search import SearchIndex, build_index, query_index, read_corpus
-
-CAPTIONS = [
-    "A brown dog runs along the sandy beach.",
-    "Two children eat ice cream on a bench.",
-    "A man plays the guitar on a street corner.",
-    "A woman rides a bicycle through the city.",
-    "Snow covers the mountains behind a small cabin.",
-    "A chef cooks pasta in a busy kitchen.",
-]
 
 
 def tiny(seed: int, d_model: int = 32) -> tuple[qkv.Transformer, qkv.Tokenizer]:
