@@ -115,14 +115,21 @@ class ProgressBar:
             self.bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True,
                             desc=desc, file=sys.stderr)
 
-    def update(self, n: int, loss: float, per_s: float, lr: float, total: int | None) -> None:
+    def update(self, step: int, loss: float, per_s: float, lr: float, total: int | None) -> None:
+        """A log line's figures, and the bar moved to `step`."""
         if self.bar is None:
             return
         if total is not None and self.bar.total != total:
             self.bar.total = total
         self.bar.set_postfix_str(f"loss {loss:.3f}, {per_s:,.0f} {self.unit}/s, lr {lr:.2e}",
                                  refresh=False)
-        self.bar.update(n)
+        self.advance_to(step)
+
+    def advance_to(self, step: int) -> None:
+        """Move the bar to `step` between log lines: it costs no loss read, so it runs every
+        update and the bar moves even when log lines are rare."""
+        if self.bar is not None and step > self.bar.n:
+            self.bar.update(step - self.bar.n)
 
     def write(self, message: str) -> None:
         if self.bar is not None:

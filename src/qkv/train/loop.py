@@ -160,7 +160,7 @@ class _Fit:
         loss_fn = self.compiled_loss() if loop.compile else objective.loss
         loss_sum, counted = torch.zeros((), device=loop.device), 0
         start = last_log_time = time.perf_counter()
-        elapsed_before, first_step, last_log_step = self.elapsed, self.step, self.step
+        elapsed_before, first_step = self.elapsed, self.step
         last_log_seen = self.seen
         calibration: tuple[int, float] | None = None
         stopped_by, train_loss, per_s, evaluated = None, None, 0.0, False
@@ -198,14 +198,15 @@ class _Fit:
                 last = self.step == self.max_steps or out_of_time or signal is not None
                 evaluated = self.eval_due() or (last and signal is None)
                 if not (evaluated or last or (loop.log_every and self.step % loop.log_every == 0)):
+                    self.bar.advance_to(self.step)
                     continue
 
                 train_loss = self.par.mean(loss_sum).item() / counted
                 loss_sum.zero_()
                 counted = 0
                 per_s = (self.seen - last_log_seen) / max(now - last_log_time, 1e-9)
-                self.report(train_loss, lr, per_s, last_log_step, evaluated)
-                last_log_time, last_log_step = time.perf_counter(), self.step
+                self.report(train_loss, lr, per_s, evaluated)
+                last_log_time = time.perf_counter()
                 last_log_seen = self.seen
                 # a Ctrl-C during the report stops the run now (on every rank)
                 signal = self.par.agree(stop.signal, out_of_time, self.max_steps)[0]
@@ -244,8 +245,7 @@ class _Fit:
         every, due = self.loop.eval_every, self.objective.eval_due
         return bool((every and self.step % every == 0) or (due is not None and due(self.step)))
 
-    def report(self, train_loss: float, lr: float, per_s: float, last_log_step: int,
-               evaluated: bool) -> None:
+    def report(self, train_loss: float, lr: float, per_s: float, evaluated: bool) -> None:
         """A log line (and, after an evaluation, the best model and a checkpoint)."""
         unit = self.objective.unit
         record: dict[str, Any] = {
@@ -262,7 +262,7 @@ class _Fit:
         if self.callback is not None and self.par.main:
             self.callback(record)
         self.history.append(record)
-        self.bar.update(self.step - last_log_step, train_loss, per_s, lr, self.max_steps)
+        self.bar.update(self.step, train_loss, per_s, lr, self.max_steps)
         if metrics is not None:
             shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
             self.bar.write(f"step {self.step}: train loss {train_loss:.4f}, {shown}, "
