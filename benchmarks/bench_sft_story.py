@@ -16,10 +16,13 @@
    exactly the right capital. Also counted: how often the pre-trained model completes the
    prose "The capital of Veltoria is" right (whether the fact is stored at all).
 4. SFT (qkv.tasks.sft, a LoRA update of rank 4 on every linear) on question/answer pairs about
-   the first half of the countries; the chat template is the plainest one: the question on a
-   line, the answer on the next.
-5. The same count on the other half: countries whose capital the model saw only in the
-   pre-training prose, never in a question/answer pair.
+   60% of the countries (--sft-share); the chat template is the plainest one: the question on
+   a line, the answer on the next. The SFT's validation pairs (which pick the best checkpoint)
+   are about another 10% of the countries (--dev-share), never trained on: the checkpoint kept
+   is the one that answers best about countries it was not fine-tuned on, not the one that
+   has memorised its pairs.
+5. The same count on the remaining 30%, the held-out countries: their capitals the model saw
+   only in the pre-training prose, never in a question/answer pair, and they chose nothing.
 
 The corpus follows Allen-Zhu & Li 2023 (Physics of Language Models, Part 3.1): knowledge
 becomes extractable by fine-tuning when pre-training shows each fact in varied phrasings, in
@@ -167,6 +170,13 @@ def main() -> int:
     p.add_argument("--lora-rank", type=int, default=4,
                    help="SFT trains a LoRA update of this rank (0: every weight)")
     p.add_argument("--lora-targets", default="all")
+    p.add_argument("--sft-share", type=float, default=0.6,
+                   help="fraction of the countries whose Q/A pairs SFT trains on")
+    p.add_argument("--dev-share", type=float, default=0.1,
+                   help="fraction whose Q/A pairs choose the SFT checkpoint (the rest: held out)")
+    p.add_argument("--base", type=Path, metavar="DIR",
+                   help="skip pre-training: SFT this pre-trained model (the base/ of an earlier "
+                   "run with the same --seed, --countries and --mentions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/story")
@@ -179,38 +189,51 @@ def main() -> int:
     facts = world(args.seed, args.countries)
     (out / "corpus.txt").write_text(corpus(facts, args.seed, args.mentions), encoding="utf-8")
     base_dir = out / "base"
+    if not (0 < args.sft_share and 0 < args.dev_share and args.sft_share + args.dev_share < 1):
+        p.error("--sft-share and --dev-share must be positive and leave some countries held out")
     cfg = TrainConfig(data=str(out / "corpus.txt"), preset="gpt-char-small", context=128,
                       max_steps=args.pretrain_steps, eval_every=max(10, args.pretrain_steps // 5),
                       warmup_steps=min(100, args.pretrain_steps // 10), val_fraction=0.02,
                       eval_windows=100, out=str(base_dir), seed=args.seed, threads=args.threads,
                       progress=False, lr=args.lr, batch_size=args.batch_size,
                       d_model=args.d_model, n_layers=args.layers)
-    result = train(cfg, overwrite=True)
+    if args.base is not None:
+        model, tok = qkv.load(args.base)
+        val_loss = json.loads((args.base / "story.json").read_text())["val_loss"]
+    else:
+        result = train(cfg, overwrite=True)
+        model, tok, val_loss = result.model, result.tokenizer, result.val_loss
+        (base_dir / "story.json").write_text(json.dumps({"val_loss": val_loss}) + "\n")
+    model.eval()
     pretrain_s = time.perf_counter() - t0
-    model, tok = result.model.eval(), result.tokenizer
 
-    half = len(facts) // 2
-    seen, held = facts[:half], facts[half:]
+    n_sft = round(args.sft_share * len(facts))
+    n_dev = round(args.dev_share * len(facts))
+    seen, dev_facts, held = facts[:n_sft], facts[n_sft:n_sft + n_dev], facts[n_sft + n_dev:]
     before = measure(model, tok, questions(held))
     stored = recall(model, tok, held)
     template = ChatTemplate(TEMPLATE, eos_token=tok.special_tokens.get("eos") or "")
     pairs = [SFTExample(messages=[{"role": "user", "content": q},
                                   {"role": "assistant", "content": k}])
              for q, k, _ in questions(seen)]
-    dev = pairs[: max(2, len(pairs) // 10)]
+    dev = [SFTExample(messages=[{"role": "user", "content": q},
+                                {"role": "assistant", "content": k}])
+           for q, k, _ in questions(dev_facts)]
     t1 = time.perf_counter()
     settings = SFTSettings(max_steps=args.sft_steps, batch_size=16, lr=args.sft_lr, packing=True,
-                           progress=False, seed=args.seed, eval_every=max(5, args.sft_steps // 3),
+                           progress=False, seed=args.seed, eval_every=max(5, args.sft_steps // 10),
                            lora_rank=args.lora_rank or None, lora_targets=args.lora_targets)
     tuned = finetune_sft(model, tok, pairs, dev, settings, out=out / "sft",
                          template=template, overwrite=True).model
     sft_s = time.perf_counter() - t1
     after = measure(tuned, tok, questions(held))
     seen_after = measure(tuned, tok, questions(seen))
+    dev_after = measure(tuned, tok, questions(dev_facts))
 
     print(f"pre-training {args.pretrain_steps} steps ({pretrain_s / 60:.1f} min, final val loss "
-          f"{result.val_loss:.3f}); SFT {args.sft_steps} steps on {len(pairs)} Q/A pairs about "
-          f"{half} countries ({sft_s / 60:.1f} min)")
+          f"{val_loss:.3f}); SFT {args.sft_steps} steps on {len(pairs)} Q/A pairs about "
+          f"{len(seen)} countries ({sft_s / 60:.1f} min), the checkpoint chosen on {len(dev)} "
+          f"pairs about {len(dev_facts)} others")
     print(f"held-out countries ({len(held)}, questions in English and Portuguese):")
     print(f"  the pre-trained model completes 'The capital of X is' right for {100 * stored:.1f}%")
     print(f"  before SFT: {100 * before['answer_rate']:.1f}% answered, "
@@ -219,7 +242,8 @@ def main() -> int:
           f"{100 * after['accuracy']:.1f}% right (English "
           f"{100 * after['accuracy_by_language']['en']:.1f}%, Portuguese "
           f"{100 * after['accuracy_by_language']['pt']:.1f}%)")
-    print(f"countries in the SFT pairs, after: {100 * seen_after['accuracy']:.1f}% right")
+    print(f"countries in the SFT pairs, after: {100 * seen_after['accuracy']:.1f}% right; "
+          f"the checkpoint-choosing countries: {100 * dev_after['accuracy']:.1f}% right")
     print("examples (question | before | after | truth):")
     for i in (0, 1, 2, 3):
         q, b, k = before["examples"][i]
@@ -229,10 +253,12 @@ def main() -> int:
         "before": {k: v for k, v in before.items() if k != "examples"},
         "after": {k: v for k, v in after.items() if k != "examples"},
         "stored": stored, "after_seen": {k: v for k, v in seen_after.items() if k != "examples"},
+        "after_dev": {k: v for k, v in dev_after.items() if k != "examples"},
         "examples": [{"question": q, "before": b, "after": after["examples"][i][1],
                       "truth": k} for i, (q, b, k) in enumerate(before["examples"][:6])],
         "pretrain_s": round(pretrain_s, 1), "sft_s": round(sft_s, 1), "total_s": round(total, 1),
-        "val_loss": result.val_loss, "settings": vars(args)}))
+        "val_loss": val_loss, "settings": {k: str(v) if isinstance(v, Path) else v
+                                           for k, v in vars(args).items()}}))
     return 0
 
 

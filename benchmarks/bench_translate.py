@@ -35,12 +35,13 @@ from _common import CPU, DATA, autocast, peer_autocast, print_table, race, threa
 
 from qkv.commands._args import parse_duration
 from qkv.data.parallel import collate, encode_pairs, joint_tokenizer, read_parallel
-from qkv.hardware import training_attention
+from qkv.hardware import set_threads, training_attention
 from qkv.tasks.translate import (
     TranslateSettings,
     alignment,
     bleu_scores,
     build_translator,
+    load_translator,
     train_translation,
     translate,
     translation_loss,
@@ -52,11 +53,15 @@ TATOEBA = DATA / "tatoeba_en_pt"
 
 #: name -> (settings, default time budget in seconds, BLEU target (lowercased), anchor note)
 RUNS: dict[str, tuple[dict[str, Any], float, float | None, str]] = {
-    "de-en": (dict(src="de", tgt="en"), 3600, 38.0,
+    "de-en": (dict(src="de", tgt="en", decay="cosine", warmup_steps=400, dropout=0.2,
+                   eval_every=250),
+              3600, 38.0,
               "bentrevett Transformer 36.52 (tokenised, greedy)"),
-    "en-de": (dict(src="en", tgt="de", average_last=10), 5400, 41.5,
+    "en-de": (dict(src="en", tgt="de", decay="cosine", warmup_steps=400, dropout=0.3,
+                   average_last=10, eval_every=150), 5400, 41.5,
               "Transformer-Tiny 41.02 (tokenised, beam 5, avg 10)"),
     "lstm": (dict(src="de", tgt="en", family="rnn", rnn_cell="lstm", attention=False,
+                  reverse_source=True, precision="bf16",
                   lr=1e-3, warmup_steps=200, decay="cosine"), 1800, 15.0,
              "bentrevett LSTM 13.76 (tokenised, greedy)"),
     "bahdanau": (dict(src="de", tgt="en", family="rnn", rnn_cell="gru", attention=True,
@@ -79,11 +84,12 @@ def test_set(name: str, quick: bool, limit: int | None = None) -> tuple[list[str
 
 def run_one(name: str, budget: float, runs: Path, quick: bool, n_threads: int,
             beam: int, test_sentences: int | None = None,
-            warmup: int | None = None, eval_every: int | None = None) -> dict[str, Any]:
+            warmup: int | None = None, eval_every: int | None = None,
+            score_only: bool = False) -> dict[str, Any]:
     overrides, _, target, anchor = RUNS[name]
     s = TranslateSettings(**{"data": str(MULTI30K), **overrides})
     s.time_limit, s.max_steps, s.threads, s.progress = budget, None, n_threads, not quick
-    s.eval_every = eval_every or 1000
+    s.eval_every = eval_every or overrides.get("eval_every", 1000)
     if warmup is not None:
         s.warmup_steps = warmup
     if quick:
@@ -91,11 +97,22 @@ def run_one(name: str, budget: float, runs: Path, quick: bool, n_threads: int,
         s.warmup_steps = 50
         if s.average_last:
             s.average_last = 2
-    start = time.perf_counter()
-    result = train_translation(s, out=runs / name)
-    train_s = time.perf_counter() - start
+    if score_only:  # the model of an earlier run, as its log describes it
+        model, tok = load_translator(runs / name)
+        records = [json.loads(line) for line in (runs / name / "log.jsonl").open()]
+        evals = [r for r in records if "val_loss" in r]
+        info = {"steps": records[-1]["step"], "train_s": records[-1]["elapsed"],
+                "train_pairs": None, "averaged": s.average_last or 0,
+                "val": {k: v for k, v in evals[-1].items() if k.startswith("val_")}}
+        set_threads(n_threads)
+    else:
+        start = time.perf_counter()
+        result = train_translation(s, out=runs / name)
+        info = {"steps": result.step, "train_s": round(time.perf_counter() - start, 1),
+                "train_pairs": result.train_pairs, "averaged": result.averaged,
+                "val": result.final}
+        model, tok = result.model, result.tokenizer
     sources, refs = test_set(name, quick, test_sentences)
-    model, tok = result.model, result.tokenizer
     timing: dict[str, float] = {}
     outputs: dict[int, list[str]] = {}
     for k in sorted({1, beam}):
@@ -105,9 +122,7 @@ def run_one(name: str, budget: float, runs: Path, quick: bool, n_threads: int,
         timing[f"decode_beam{k}_s"] = round(time.perf_counter() - t0, 2)
     scores = {k: bleu_scores(hyps, refs) for k, hyps in outputs.items()}
     (runs / name / "test.hyp").write_text("".join(h + "\n" for h in outputs[beam]))
-    return {"run": name, "steps": result.step, "train_s": round(train_s, 1),
-            "train_pairs": result.train_pairs, "averaged": result.averaged,
-            "val": result.final, "target_bleu_lowercase": target, "anchor": anchor,
+    return {"run": name, **info, "target_bleu_lowercase": target, "anchor": anchor,
             "sentences": len(sources), **timing,
             **{f"beam{k}": {key: v for key, v in sc.items()} for k, sc in scores.items()},
             "params": model.num_parameters()}
@@ -182,7 +197,6 @@ def alignment_figure(runs: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from qkv.tasks.translate import load_translator
 
     source = "Ein Mann mit einem roten Hut sitzt auf einer Bank."
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
@@ -216,7 +230,11 @@ def main() -> None:
                    help="score only the first N test sentences (default: all)")
     p.add_argument("--warmup-steps", type=int, metavar="N",
                    help="override the recipe's warm-up (short budgets need a shorter one)")
-    p.add_argument("--eval-every", type=int, metavar="N", help="default 1000 updates")
+    p.add_argument("--eval-every", type=int, metavar="N",
+                   help="default: the recipe's (250 de-en, 150 en-de, else 1000)")
+    p.add_argument("--score-only", action="store_true",
+                   help="train nothing: decode and score the models already in --runs (their "
+                   "training steps and time read from their log.jsonl)")
     p.add_argument("--threads", type=int)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of the throughput race")
     p.add_argument("--runs", type=Path, default=Path("runs/bench-translate"))
@@ -232,7 +250,8 @@ def main() -> None:
             continue
         budget = 30.0 if args.quick else (args.time_budget or RUNS[name][1])
         results[name] = r = run_one(name, budget, args.runs, args.quick, n, args.beam,
-                                    args.test_sentences, args.warmup_steps, args.eval_every)
+                                    args.test_sentences, args.warmup_steps, args.eval_every,
+                                    args.score_only)
         print(json.dumps(r), flush=True)
     rows = {}
     for name in chosen:

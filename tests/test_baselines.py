@@ -116,3 +116,28 @@ def test_rnn_config_checks_its_values():
         RNNConfig.from_dict({"vocab_size": 10, "heads": 3})
     cfg = RNNConfig(vocab_size=10, attention=True)
     assert RNNConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_reversing_the_source_reads_each_sentence_backwards_and_keeps_padding():
+    from qkv.baselines.rnn import reverse_rows
+    lengths = SRC_MASK.sum(-1)
+    assert reverse_rows(SRC, lengths).tolist() == [[2, 8, 7, 6, 5], [2, 3, 9, 0, 0],
+                                                   [2, 4, 0, 0, 0]]
+    with pytest.raises(qkv.ConfigError, match="reverse_source"):
+        RNNConfig(vocab_size=10, attention=True, reverse_source=True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_reversed_reader_sees_the_same_sentence_as_reading_its_reverse(cell):
+    """reverse_source=True on a sentence equals reverse_source=False on it written backwards,
+    padded or not."""
+    plain = make(cell, False, seed=3).eval()
+    torch.manual_seed(3)
+    backwards = RNNTranslator(RNNConfig(**{**plain.config.to_dict(), "reverse_source": True}))
+    backwards.load_state_dict(plain.state_dict())
+    backwards.eval()
+    with torch.no_grad():
+        want = plain(SRC[1:2, :3].flip(1), TGT[1:2])
+        got = backwards(SRC[1:2], TGT[1:2], src_mask=SRC_MASK[1:2])
+    assert torch.allclose(want, got, atol=1e-5)
+    assert not torch.allclose(plain(SRC[1:2], TGT[1:2], src_mask=SRC_MASK[1:2]), got, atol=1e-3)

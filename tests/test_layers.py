@@ -143,3 +143,18 @@ def test_gated_feedforward_puts_the_activation_on_the_gate(activation, expected)
         ffn.down.weight.copy_(torch.eye(2))
     out = ffn(torch.tensor([[1.0, -2.0]]))
     assert out[0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_kv_cache_reorder_keeps_the_chosen_rows_in_place_or_in_new_buffers():
+    from qkv.layers.attention import KVCache
+    cache = KVCache()
+    k = torch.arange(3 * 2 * 4 * 5, dtype=torch.float32).view(3, 2, 4, 5)
+    cache.append(k, -k)
+    buffer = cache._k
+    cache.reorder(torch.tensor([2, 2, 0]))  # beam search: as many rows, written in place
+    assert cache._k is buffer and len(cache) == 4
+    assert torch.equal(cache.k, k[[2, 2, 0]]) and torch.equal(cache.v, -k[[2, 2, 0]])
+    cache.append(k[:, :, :1], k[:, :, :1])  # still grows after a reorder
+    assert torch.equal(cache.k[:, :, 4], k[:, :, 0]) and len(cache) == 5
+    cache.reorder(torch.tensor([1]))  # fewer rows: new buffers
+    assert cache.k.shape == (1, 2, 5, 5) and torch.equal(cache.k[0, :, :4], k[2])

@@ -153,7 +153,7 @@ def _beam_search(model: Seq2Seq, memory: torch.Tensor, src_mask: torch.Tensor | 
             tokens += [t for _, _, t in kept]
         scores = torch.tensor(new_scores, device=device)  # (B, K)
         history = [history[r] + [t] for r, t in zip(rows, tokens, strict=True)]
-        cache.reorder(torch.tensor(rows, device=device))
+        cache.reorder(torch.tensor(rows, device=device), same_sources=True)  # b's beams
         step_tokens = torch.tensor(tokens, device=device)[:, None]  # (B*K, 1)
     return [max(f, key=lambda c: c[0])[1] if f else [] for f in finished]
 

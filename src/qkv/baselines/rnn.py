@@ -55,6 +55,7 @@ class RNNConfig:
     d_hidden: int = 512
     n_layers: int = 2           # of the encoder and of the decoder
     dropout: float = 0.3
+    reverse_source: bool = False  # read the source backwards (Sutskever et al.; no attention)
     max_seq_len: int = 128      # tokens per sentence (the data's limit; an RNN has none)
     pad_token_id: int = 0
     bos_token_id: int | None = 1
@@ -72,6 +73,9 @@ class RNNConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive integer")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.reverse_source and self.attention:
+            raise ConfigError("reverse_source is Sutskever's trick for the encoder without "
+                              "attention; Bahdanau's bidirectional encoder reads both ways")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +90,18 @@ class RNNConfig:
         if unknown:
             raise ConfigError(f"unknown RNN config field {unknown[0]!r}")
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def reverse_rows(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each row's first `lengths[b]` tokens in reverse order, its padding left where it is.
+
+    Sutskever et al. (2014) read the source backwards: the first target words then sit a few
+    steps from the source words they translate, instead of a whole sentence away, and their
+    LSTM without attention gained almost 5 BLEU (25.9 -> 30.6)."""
+    S = tokens.shape[1]
+    at = torch.arange(S, device=tokens.device)[None]  # (1, S)
+    index = torch.where(at < lengths[:, None], lengths[:, None] - 1 - at, at)
+    return tokens.gather(1, index)
 
 
 class AdditiveAttention(nn.Module):
@@ -128,13 +144,15 @@ class RNNCache:
     def __len__(self) -> int:
         return self.steps
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, same_sources: bool = False) -> None:
+        """Keep rows `index`; with `same_sources` (beams of one source) the projected source
+        keys stay as they are (see DecoderCache.reorder)."""
         if isinstance(self.state, tuple):
             self.state = (self.state[0].index_select(1, index),
                           self.state[1].index_select(1, index))
         elif self.state is not None:
             self.state = self.state.index_select(1, index)
-        if self.keys is not None:
+        if self.keys is not None and not same_sources:
             self.keys = self.keys.index_select(0, index)
 
 
@@ -171,6 +189,8 @@ class RNNTranslator(nn.Module):
         B, S = src.shape
         lengths = (src_mask.sum(-1) if src_mask is not None
                    else torch.full((B,), S)).clamp(min=1).cpu()
+        if self.config.reverse_source:
+            src = reverse_rows(src, lengths.to(src.device))
         x = self.drop(self.embedding(src))  # (B, S, E)
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         outputs, state = self.encoder(packed)

@@ -146,11 +146,15 @@ class KVCache:
         return keys, values  # (B, Hkv, past + new, D)
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows `index` (beam search reorders hypotheses)."""
-        if self._k is not None and self._v is not None:
-            n = len(self)
-            self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
-            self.k, self.v = self._k[..., :n, :], self._v[..., :n, :]
+        """Keep batch rows `index` (beam search reorders hypotheses), in place: only the
+        positions filled so far are copied, not the buffer's spare room."""
+        if self.k is None or self.v is None:
+            return
+        kept_k, kept_v = self.k.index_select(0, index), self.v.index_select(0, index)
+        if len(index) == self.k.shape[0]:
+            self.k[:], self.v[:] = kept_k, kept_v
+        else:  # a different number of rows: new buffers, without spare room
+            self._k, self._v = self.k, self.v = kept_k, kept_v
 
 
 class _Heads(nn.Module):

@@ -106,8 +106,12 @@ class DecoderCache:
         blocks read when each row continues its own sequence. Decoder-only (no cross-attention)."""
         return [([cache.layers[i][0] for cache in caches], None) for i in range(n_layers)]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows `index` (beam search reorders hypotheses)."""
+    def reorder(self, index: torch.Tensor, same_sources: bool = False) -> None:
+        """Keep batch rows `index` (beam search reorders hypotheses). With `same_sources`,
+        every kept row continues a row of the same source sentence (beam search's beams of one
+        source): the cross-attention keys and values, made from the source alone, are already
+        right and are not copied."""
         for self_cache, cross_cache in self.layers:
             self_cache.reorder(index)
-            cross_cache.reorder(index)
+            if not same_sources:
+                cross_cache.reorder(index)

@@ -287,6 +287,7 @@ class TranslateSettings:
     n_heads: int | None = None
     rnn_cell: str = "gru"           # rnn: "lstm" or "gru"
     attention: bool = True          # rnn: Bahdanau attention (False: Sutskever's bottleneck)
+    reverse_source: bool = False    # rnn without attention: read the source backwards
     d_hidden: int = 512             # rnn sizes
     d_embed: int = 256
     vocab_size: int = 8000
@@ -386,6 +387,7 @@ def build_translator(s: TranslateSettings, vocab_size: int, pad: int, bos: int,
             vocab_size=vocab_size, cell=s.rnn_cell, attention=s.attention, d_embed=s.d_embed,
             d_hidden=s.d_hidden, n_layers=s.n_layers or (1 if s.attention else 2),
             dropout=0.3 if s.dropout is None else s.dropout, max_seq_len=s.context,
+            reverse_source=s.reverse_source,
             pad_token_id=pad, bos_token_id=bos, eos_token_id=eos, decoder_start_token_id=bos))
     overrides: dict[str, Any] = {k: v for k, v in (("n_layers", s.n_layers),
                                                     ("d_model", s.d_model),
