@@ -127,6 +127,13 @@ def questions(facts: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
     return out
 
 
+def qa_pairs(facts: list[tuple[str, str]]) -> list[SFTExample]:
+    """The SFT examples about these countries: each question, answered by the capital."""
+    return [SFTExample(messages=[{"role": "user", "content": q},
+                                 {"role": "assistant", "content": k}])
+            for q, k, _ in questions(facts)]
+
+
 def measure(model, tok, qs: list[tuple[str, str, str]]) -> dict:
     prompts = [q + "\n" for q, _, _ in qs]
     outs = []
@@ -186,11 +193,11 @@ def main() -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not (0 < args.sft_share and 0 < args.dev_share and args.sft_share + args.dev_share < 1):
+        p.error("--sft-share and --dev-share must be positive and leave some countries held out")
     facts = world(args.seed, args.countries)
     (out / "corpus.txt").write_text(corpus(facts, args.seed, args.mentions), encoding="utf-8")
     base_dir = out / "base"
-    if not (0 < args.sft_share and 0 < args.dev_share and args.sft_share + args.dev_share < 1):
-        p.error("--sft-share and --dev-share must be positive and leave some countries held out")
     cfg = TrainConfig(data=str(out / "corpus.txt"), preset="gpt-char-small", context=128,
                       max_steps=args.pretrain_steps, eval_every=max(10, args.pretrain_steps // 5),
                       warmup_steps=min(100, args.pretrain_steps // 10), val_fraction=0.02,
@@ -213,12 +220,7 @@ def main() -> int:
     before = measure(model, tok, questions(held))
     stored = recall(model, tok, held)
     template = ChatTemplate(TEMPLATE, eos_token=tok.special_tokens.get("eos") or "")
-    pairs = [SFTExample(messages=[{"role": "user", "content": q},
-                                  {"role": "assistant", "content": k}])
-             for q, k, _ in questions(seen)]
-    dev = [SFTExample(messages=[{"role": "user", "content": q},
-                                {"role": "assistant", "content": k}])
-           for q, k, _ in questions(dev_facts)]
+    pairs, dev = qa_pairs(seen), qa_pairs(dev_facts)
     t1 = time.perf_counter()
     settings = SFTSettings(max_steps=args.sft_steps, batch_size=16, lr=args.sft_lr, packing=True,
                            progress=False, seed=args.seed, eval_every=max(5, args.sft_steps // 10),
