@@ -183,6 +183,21 @@ def test_a_time_limit_fits_the_schedule_to_the_time(tmp_path):
     assert result.stopped_by in (None, "time limit")
 
 
+def test_the_time_fit_is_made_again_after_each_evaluation():
+    from qkv.train.optim import CALIBRATION_STEPS, fit_schedule
+    start = (2, 1.0)
+    step = 2 + CALIBRATION_STEPS
+    # first fit: 0.1 s per update, evaluations guessed at 5 updates every 100
+    first = fit_schedule(step, 1.0 + 0.1 * CALIBRATION_STEPS, 100.0, 5.0, 100, start)[0]
+    assert first is not None and 900 < first < 960
+    # by update 300 the run took twice as long as timed (busier machine, dearer evaluations):
+    # the refit spreads the time left over the slower rate, evaluations included in it
+    refit = fit_schedule(300, 1.0 + 0.2 * 298, 100.0, 5.0, 100, start, refit=True)[0]
+    assert refit is not None and refit == 300 + int(0.97 * (100.0 - 60.6) / 0.2)
+    # out of time: one more update, never fewer than done
+    assert fit_schedule(300, 120.0, 100.0, 5.0, 100, start, refit=True)[0] == 301
+
+
 def test_a_failing_torch_compile_falls_back_with_one_warning(tmp_path, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here\nsecond line")

@@ -188,9 +188,9 @@ class _Fit:
                 now = time.perf_counter()
                 self.elapsed = elapsed_before + (now - start)
                 out_of_time = loop.time_limit is not None and now - start >= loop.time_limit
-                if self.max_steps is None:  # time-limited: fit the schedule to the time, once
+                if loop.time_limit is not None and self.max_steps is None:  # fit the schedule
                     more, calibration = fit_schedule(self.step - first_step, now - start,
-                                                     loop.time_limit or 0.0, loop.eval_cost,
+                                                     loop.time_limit, loop.eval_cost,
                                                      loop.eval_every, calibration)
                     self.max_steps = None if more is None else first_step + more
                 signal, out_of_time, self.max_steps = self.par.agree(stop.signal, out_of_time,
@@ -207,6 +207,13 @@ class _Fit:
                 per_s = (self.seen - last_log_seen) / max(now - last_log_time, 1e-9)
                 self.report(train_loss, lr, per_s, evaluated)
                 last_log_time = time.perf_counter()
+                if loop.time_limit is not None and evaluated and not last and self.max_steps:
+                    # fit again, now that evaluations are timed too (every rank the same)
+                    more = fit_schedule(self.step - first_step, last_log_time - start,
+                                        loop.time_limit, loop.eval_cost, loop.eval_every,
+                                        calibration, refit=True)[0]
+                    if more is not None:
+                        self.max_steps = self.par.agree(None, False, first_step + more)[2]
                 last_log_seen = self.seen
                 # a Ctrl-C during the report stops the run now (on every rank)
                 signal = self.par.agree(stop.signal, out_of_time, self.max_steps)[0]

@@ -84,19 +84,23 @@ CALIBRATION_STEPS = 12
 
 
 def fit_schedule(step: int, seconds: float, time_limit: float, eval_cost: float,
-                 eval_every: int | None, calibration_start: tuple[int, float] | None
-                 ) -> tuple[int | None, tuple[int, float] | None]:
-    """With only a time limit: after a few timed updates, choose how many updates fill the time.
+                 eval_every: int | None, calibration_start: tuple[int, float] | None,
+                 refit: bool = False) -> tuple[int | None, tuple[int, float] | None]:
+    """With only a time limit: choose how many updates fill the time.
 
     `step` counts the updates of this process and `seconds` its time so far; an evaluation
-    costs about `eval_cost` updates and comes every `eval_every`. Returns (the total number of
-    updates, or None while still timing; the calibration start to pass back next time)."""
+    costs about `eval_cost` updates and comes every `eval_every`. The first fit comes after a
+    few timed updates. With `refit` (called just after an evaluation), the fit is made again
+    from the average time per update since the calibration started, evaluations included, so
+    a wrong guess of their cost, or a machine that got busier or quieter, is corrected while
+    the schedule still has time to reach its end. Returns (the total number of updates, or
+    None while still timing; the calibration start to pass back next time)."""
     if step == 2:  # the first updates are slow (memory allocation, kernel selection)
         return None, (step, seconds)
     if calibration_start is None or step < calibration_start[0] + CALIBRATION_STEPS:
         return None, calibration_start
     per_step = (seconds - calibration_start[1]) / (step - calibration_start[0])
-    eval_seconds = per_step * eval_cost
+    eval_seconds = 0.0 if refit else per_step * eval_cost  # a refit's average holds them
     remaining = max(0.0, time_limit - seconds)
     more = int(0.97 * remaining / (per_step + eval_seconds / (eval_every or 10**12)))
     return step + max(1, more), calibration_start
