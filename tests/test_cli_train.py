@@ -50,6 +50,8 @@ def one_error_line(capsys) -> str:
     (["train", "--data", "short.txt", *TINY], "the corpus is too short"),
     (["train", "--resume", "--out", "nowhere"], "holds no training checkpoint"),
     (["train", "--preset", "no-such-preset"], "unknown preset"),
+    (["train", "--family", "encoder-decoder", "--src", "de", "--tgt", "en", "--nproc", "2"],
+     "translation training (--family encoder-decoder or rnn) runs in one process"),
     (["generate", "not-a-model", "--prompt", "x"], "is not a model directory"),
     (["generate", "tiny.txt", "--prompt", "x"], "is not a directory"),
     (["eval", "not-a-model", "--data", "tiny.txt"], "is not a model directory"),
@@ -193,3 +195,12 @@ def _parser_with(func):
                 sub.set_defaults(func=func)
         return parser
     return build
+
+
+def test_translation_under_torchrun_is_refused_not_run_twice(workdir, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: each copy would train alone
+    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "multi30k"
+    assert main(["train", "--family", "rnn", "--src", "de", "--tgt", "en", "--data", str(data),
+                 "--out", "run"]) == 2
+    assert "runs in one process" in one_error_line(capsys)
+    assert not Path("run").exists()

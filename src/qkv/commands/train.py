@@ -13,6 +13,7 @@ from ..data import corpus_files
 from ..errors import InputError
 from ..generate import generate
 from ..tasks.mlm import fill_mask, masked_lm_objective
+from ..tasks.translate import TRANSLATION_ONE_PROCESS
 from ..train import TrainConfig, distributed, next_token_objective, train
 from ..train.checkpoint import find_training_checkpoint, read_state
 from ._args import (
@@ -137,6 +138,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     nproc = getattr(args, "nproc", 1)
+    if nproc > 1 and getattr(args, "family", None) in ("encoder-decoder", "rnn"):
+        raise InputError(TRANSLATION_ONE_PROCESS)
     if nproc > 1 and not distributed.launched():
         return distributed.relaunch(nproc, distributed.strip_option(sys.argv[1:], "--nproc"))
     status = _run(args)

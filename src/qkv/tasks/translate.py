@@ -67,10 +67,13 @@ from ..seq2seq import generate_seq2seq
 from ..tokenizer import Tokenizer
 from ..train import LoopConfig, Objective, Schedule, fit, make_optimizer
 from ..train.checkpoint import find_training_checkpoint, read_state
+from ..train.distributed import launched
 from ..train.log import printer
 
 #: The model kinds `family` may name: the Transformer, and the recurrent baselines.
 FAMILIES = ("encoder-decoder", "rnn")
+TRANSLATION_ONE_PROCESS = ("translation training (--family encoder-decoder or rnn) runs in one "
+                           "process; give it the cores with --threads instead of --nproc")
 #: Decoding defaults saved next to a trained model (translation.json).
 DECODING = "translation.json"
 AVERAGING = "averaging"
@@ -459,6 +462,8 @@ def train_translation(s: TranslateSettings, out: str | Path | None = None, resum
     """Train a translator (see the module docstring); the best (or averaged) model is returned
     and, with `out`, saved there with its tokenizer and decoding defaults."""
     s.check()
+    if launched():  # N copies would each train alone and write the same files
+        raise InputError(TRANSLATION_ONE_PROCESS)
     t0 = time.perf_counter()
     say = printer(s.progress, "train")
     out = Path(out) if out is not None else None
