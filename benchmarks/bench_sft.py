@@ -12,10 +12,11 @@ AdamW on the LoRA matrices. One update = forward, backward, optimizer step.
 Each contender runs in its own process, so that its peak memory (the process's maximum
 resident set size) is its own. The contenders: qkv and transformers+peft in fp32, and both
 under bf16 autocast (`torch.autocast("cpu", dtype=torch.bfloat16)` for transformers, the one-line
-setting its users write). Every process does `--warmup` untimed updates, then `--steps` timed
-ones; the order of the processes is reversed in the second of two rounds, and each contender's
-best round counts. Printed: tokens/s (answer and prompt tokens, no padding) and peak memory,
-and qkv's ratio to each peer, then one JSON line.
+setting its users write; qkv's training loop also holds the frozen base weights in bf16, and
+so does its worker here). Every process does `--warmup` untimed updates, then `--steps` timed
+ones; `--rounds` rounds (3), the order of the processes reversed every other round, and each
+contender's best round counts. Printed: tokens/s (answer and prompt tokens, no padding) and
+peak memory, and qkv's ratio to each peer, then one JSON line.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from _common import DATA, autocast, print_table, threads
 
 import qkv
 from qkv.data.sft import default_template, encode_sft, make_batch, read_sft
+from qkv.hardware import hold_frozen_weights
 from qkv.lora import apply_lora
 from qkv.tasks.sft import sft_loss
 from qkv.train.optim import make_optimizer
@@ -59,6 +61,7 @@ def worker(args: argparse.Namespace) -> None:
         model, _ = qkv.load(Path(args.work) / "hf")
         apply_lora(model, rank=16, alpha=32, targets="qkv")
         model.train()
+        hold_frozen_weights(model, precision)  # as qkv's training loop does (bf16 only)
         optimizer = make_optimizer(model, 1e-4, 0.0, betas=(0.9, 0.999), fused=True)
 
         def loss_of(batch):
@@ -147,6 +150,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--tokenizer-vocab", type=int, default=8000)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of every contender, in alternating order; each one's best counts")
     p.add_argument("--contenders", default="qkv:fp32,hf:fp32,qkv:bf16,hf:bf16")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -162,8 +167,8 @@ def main() -> int:
         work = Path(tmp)
         shape = prepare(args, work)
         results: dict[str, list[dict]] = {c: [] for c in contenders}
-        for r in range(2):
-            for c in contenders if r == 0 else reversed(contenders):
+        for r in range(args.rounds):
+            for c in contenders if r % 2 == 0 else reversed(contenders):
                 cmd = [sys.executable, __file__, "--worker", c, "--work", str(work),
                        "--steps", str(args.steps), "--warmup", str(args.warmup)]
                 if args.threads:

@@ -218,6 +218,36 @@ def test_sft_with_lora_writes_an_adapter(tok, tmp_path):
         assert (again(ids) - result.model(ids)).abs().max() <= 1e-5
 
 
+def test_lora_in_bf16_holds_the_frozen_weights_in_bf16_and_saves_them_as_they_were(tok,
+                                                                                   tmp_path):
+    """The frozen base is cast to bf16 once for the run (autocast would cast it at every
+    forward pass); checkpoints and the model after training keep the exact fp32 weights."""
+    from qkv.checkpoint import WEIGHTS
+    from qkv.io import read_safetensors
+
+    model = _decoder(tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+
+    def look(record):  # during training: a frozen linear, and the (tied) embedding
+        seen.append((model.decoder.layers[0].ffn.up.weight.dtype,
+                     model.token_embedding.weight.dtype))
+
+    examples = [_qa(q, a) for q, a in FACTS * 2]
+    settings = SFTSettings(max_steps=3, batch_size=4, lr=1e-2, lora_rank=4, progress=False,
+                           precision="bf16", eval_every=2)
+    finetune_sft(model, tok, examples, examples[:4], settings, out=tmp_path / "run",
+                 callback=look)
+    assert seen and all(s == (torch.bfloat16, torch.float32) for s in seen)
+    saved = read_safetensors(tmp_path / "run" / "training" / WEIGHTS)
+    after = model.state_dict()
+    for k, v in before.items():
+        if "lora" not in k:
+            assert after[k].dtype == torch.float32 and torch.equal(after[k], v), k
+            if k in saved:
+                assert saved[k].dtype == torch.float32 and torch.equal(saved[k], v), k
+
+
 def test_sft_on_an_encoder_is_refused(tok, tmp_path, capsys):
     encoder = qkv.Transformer(tiny_config("encoder", vocab_size=tok.vocab_size))
     with pytest.raises(InputError, match="decoder"):

@@ -103,6 +103,41 @@ def autocast(device: str | torch.device, precision: str):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
+def hold_frozen_weights(model: torch.nn.Module, precision: str) -> dict[str, torch.Tensor]:
+    """For training under bf16 autocast: the frozen weights of the linear layers held in bf16.
+
+    Autocast casts every weight to bf16 at each use and keeps the cast only for the weights
+    that are trained; a frozen weight (the base under a LoRA update) is cast again at every
+    forward pass, 124M numbers for GPT-2 each time. Cast them once instead (in place). A
+    weight shared with an embedding (a tied output layer) stays fp32: its lookup feeds the
+    fp32 residual stream. Returns {name in the state dict: the original fp32 tensor}, for
+    saving and for `restore_weights`; {} unless `precision` is bf16."""
+    if precision != "bf16":
+        return {}
+    embedded = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear)
+                for p in m.parameters(recurse=False)}
+    chosen = {id(m.weight) for m in model.modules()
+              if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
+              and m.weight.dtype == torch.float32 and id(m.weight) not in embedded}
+    held: dict[str, torch.Tensor] = {}
+    cast: dict[int, torch.Tensor] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in chosen:
+            held[name] = p.data
+            if id(p) not in cast:
+                cast[id(p)] = p.data.to(torch.bfloat16)
+    for p in {id(p): p for p in model.parameters() if id(p) in chosen}.values():
+        p.data = cast[id(p)]
+    return held
+
+
+def restore_weights(model: torch.nn.Module, held: dict[str, torch.Tensor]) -> None:
+    """Put back the tensors `hold_frozen_weights` replaced."""
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in held:
+            p.data = held[name]
+
+
 #: Sequences at least this long train their bf16 attention with PyTorch's fused kernel on a CPU.
 FUSED_ATTENTION_FROM = 256
 

@@ -39,7 +39,7 @@ from .._version import __version__
 from ..batching import evaluating
 from ..checkpoint import WEIGHTS, load_weights
 from ..errors import CheckpointError
-from ..hardware import autocast, training_attention
+from ..hardware import autocast, hold_frozen_weights, restore_weights, training_attention
 from ..io import atomic_write_safetensors
 from .checkpoint import (
     STATE,
@@ -73,8 +73,14 @@ def fit(model: Any, optimizer: torch.optim.Optimizer, objective: Objective, loop
     `out` receives log.jsonl, the best weights (model.safetensors) and training/ (the state to
     resume from, with `extra_state` added to its state.json); `callback` receives every log
     record as it is written."""
-    return _Fit(model, optimizer, objective, loop, Path(out) if out is not None else None,
-                extra_state or {}, callback).run(resume)
+    job = _Fit(model, optimizer, objective, loop, Path(out) if out is not None else None,
+               extra_state or {}, callback)
+    # frozen weights (LoRA's base) in bf16 once, not at every forward pass; saved as they were
+    job.held = {} if loop.fsdp else hold_frozen_weights(model, loop.precision)
+    try:
+        return job.run(resume)
+    finally:
+        restore_weights(model, job.held)
 
 
 class _Fit:
@@ -91,6 +97,7 @@ class _Fit:
         self.metrics: dict[str, float] | None = None  # of the last evaluation
         self.best_step, self.history = 0, []
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.held: dict[str, torch.Tensor] = {}  # fp32 originals of weights held in bf16
         self.par: Parallel
 
     # ---- 1. resume, or start a fresh run directory ---------------------------------------------
@@ -149,7 +156,7 @@ class _Fit:
     def weights(self) -> dict[str, torch.Tensor]:
         """The model's weights as saved: whole, without wrapper prefixes, tied ones once."""
         tied = self.model.tied_weights()
-        return {k: v for k, v in self.par.weights().items() if k not in tied}
+        return {k: self.held.get(k, v) for k, v in self.par.weights().items() if k not in tied}
 
     # ---- 2. the loop ----------------------------------------------------------------------------
     def run(self, resume: bool) -> FitResult:
@@ -287,7 +294,8 @@ class _Fit:
                 if self.par.main:
                     atomic_write_safetensors(self.out / WEIGHTS, weights)
             else:
-                self.best_state = {k: v.detach().clone() for k, v in self.par.weights().items()}
+                self.best_state = {k: self.held.get(k, v).detach().clone()
+                                   for k, v in self.par.weights().items()}
         return metrics
 
     def compiled_loss(self) -> Callable[..., torch.Tensor]:
