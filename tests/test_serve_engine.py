@@ -301,3 +301,27 @@ def test_fp32_keeps_the_full_width_where_narrower_steps_change_the_bits():
         one_row_differs = not torch.equal(layer(x[:1]), layer(x)[:1])
     if one_row_differs:  # MKL's one-row path: then a lone fp32 sequence may not run alone
         assert engine.width_from > 1
+
+
+def test_the_engine_gives_free_memory_back_once_each_time_it_goes_idle(monkeypatch):
+    from qkv.serve import engine as engine_module
+
+    engine_module.release_free_memory()  # glibc's malloc_trim here; a no-op elsewhere
+    calls = []
+    monkeypatch.setattr(engine_module, "release_free_memory", lambda: calls.append(1))
+    model, tok = tiny_decoder()
+    engine = Engine(model, tok, max_seqs=4)
+    try:
+        for burst in (1, 2):
+            done = threading.Event()
+            engine.submit([Sequence(tok.encode("hello", add_special_tokens=False),
+                                    Sampling(max_tokens=5, temperature=0.0),
+                                    lambda ev: ev["type"] == "done" and done.set())])
+            assert done.wait(30)
+            deadline = time.monotonic() + 5
+            while len(calls) < burst and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.6)  # idle waits of 0.5 s: no second trim without new work
+            assert calls == [1] * burst
+    finally:
+        engine.close()

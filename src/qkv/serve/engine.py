@@ -50,6 +50,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import ctypes
 import functools
 import threading
 import time
@@ -133,6 +134,7 @@ class Engine:
         self.lock = threading.Condition()
         self.stopping = False
         self.steps = 0  # decoding steps run (for tests and stats)
+        self.trimmed_at = 0  # the step count when the engine last gave free memory back
         self.peak = 0  # the most sequences decoded in one step so far
         self.thread = threading.Thread(target=self._loop, name="qkv-serve-engine", daemon=True)
         self.thread.start()
@@ -176,6 +178,11 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
+            with self.lock:
+                idle = not (self.stopping or self.waiting or self.jobs or self.running)
+            if idle and self.steps != self.trimmed_at:  # the work is done: give memory back
+                self.trimmed_at = self.steps
+                release_free_memory()
             with self.lock:
                 while not (self.stopping or self.waiting or self.jobs or self.running):
                     self.lock.wait(timeout=0.5)
@@ -365,6 +372,26 @@ def _packed_linear(layer: nn.Linear, packed: torch.Tensor, width: int,
         return F.linear(x, layer.weight, layer.bias)
     y = torch.ops.mkl._mkl_linear(flat, packed, layer.weight, layer.bias, width)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Return the C heap's free pages to the system (glibc's malloc_trim; elsewhere nothing).
+
+    Every sequence's KV cache grows by reallocation and is freed when the sequence ends. glibc
+    serves such blocks from its heaps once a block of that size has been freed (its mmap
+    threshold rises to it), and keeps the freed pages, so a server's resident memory creeps up
+    from one burst of requests to the next. Trimming when the engine goes idle keeps it flat."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def wait_idle(engine: Engine, timeout: float = 5.0) -> bool:
