@@ -52,6 +52,7 @@ import contextlib
 import copy
 import ctypes
 import functools
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -196,10 +197,10 @@ class Engine:
                     admitted.append(self.waiting.popleft())
             for fn, done in jobs:
                 self._run_job(fn, done)
-            self.running = [s for s in self.running if not s.cancelled]
+            self.running = self._live(self.running)
             for seq in admitted:
                 self._guard(seq, self._prefill)
-            self.running = [s for s in self.running if not (s.finished or s.cancelled)]
+            self.running = self._live(self.running)
             if self.running:
                 self.peak = max(self.peak, len(self.running))
                 try:
@@ -208,9 +209,19 @@ class Engine:
                     for seq in self.running:
                         self._fail(seq, e)
                 self.steps += 1
-                self.running = [s for s in self.running if not (s.finished or s.cancelled)]
+                self.running = self._live(self.running)
         for seq in [*self.running, *self.waiting]:
             seq.emit({"type": "error", "message": "the server is shutting down"})
+
+    @staticmethod
+    def _live(seqs: list[Sequence]) -> list[Sequence]:
+        """The sequences still running. A cancelled one's KV cache is let go now: the request
+        that held it sits in a reference cycle (its emitter) that only a full garbage
+        collection would free, megabytes each."""
+        for seq in seqs:
+            if seq.cancelled:
+                seq.cache = None
+        return [s for s in seqs if not (s.finished or s.cancelled)]
 
     def _run_job(self, fn, done) -> None:
         try:
@@ -228,6 +239,7 @@ class Engine:
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
         seq.finished = True
+        seq.cache = None
         seq.emit({"type": "error", "message": f"{type(error).__name__}: {error}"})
 
     # ------------------------------------------------------------------ the model
@@ -383,12 +395,15 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 def release_free_memory() -> None:
-    """Return the C heap's free pages to the system (glibc's malloc_trim; elsewhere nothing).
+    """Free what only a full garbage collection frees, then return the C heap's free pages to
+    the system (glibc's malloc_trim; elsewhere only the collection).
 
     Every sequence's KV cache grows by reallocation and is freed when the sequence ends. glibc
     serves such blocks from its heaps once a block of that size has been freed (its mmap
     threshold rises to it), and keeps the freed pages, so a server's resident memory creeps up
-    from one burst of requests to the next. Trimming when the engine goes idle keeps it flat."""
+    from one burst of requests to the next. Doing this when the engine goes idle keeps it
+    flat."""
+    gc.collect()
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
