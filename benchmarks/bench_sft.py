@@ -11,17 +11,19 @@ AdamW on the LoRA matrices. One update = forward, backward, optimizer step.
 
 Each contender runs in its own process, so that its peak memory (the process's maximum
 resident set size) is its own. The contenders: qkv and transformers+peft in fp32, and both
-under bf16 autocast (`torch.autocast("cpu", dtype=torch.bfloat16)` for transformers, the one-line
-setting its users write; qkv's training loop also holds the frozen base weights in bf16, and
-so does its worker here). Every process does `--warmup` untimed updates, then `--steps` timed
-ones; `--rounds` rounds (3), the order of the processes reversed every other round, and each
-contender's best round counts. Printed: tokens/s (answer and prompt tokens, no padding) and
-peak memory, and qkv's ratio to each peer, then one JSON line.
+under bf16 autocast (`torch.autocast("cpu", dtype=torch.bfloat16)` for transformers, the
+one-line setting its users write). qkv's worker does what its training loop does: the frozen
+base weights held in bf16, the attention kernel chosen by sequence length. Every process does
+`--warmup` untimed updates, then `--steps` timed ones; `--rounds` rounds (3), the order of the
+processes reversed every other round, and each contender's best round counts. Printed:
+tokens/s (answer and prompt tokens, no padding) and peak memory, and qkv's ratio to each peer,
+then one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -36,7 +38,7 @@ from _common import DATA, autocast, print_table, threads
 
 import qkv
 from qkv.data.sft import default_template, encode_sft, make_batch, read_sft
-from qkv.hardware import hold_frozen_weights
+from qkv.hardware import hold_frozen_weights, training_attention
 from qkv.lora import apply_lora
 from qkv.tasks.sft import sft_loss
 from qkv.train.optim import make_optimizer
@@ -69,6 +71,9 @@ def worker(args: argparse.Namespace) -> None:
 
         def context():
             return autocast(torch.device("cpu"), precision)
+
+        def kernels(batch):  # the attention kernel qkv's loop picks for this length
+            return training_attention(torch.device("cpu"), precision, batch[0].shape[-1])
     else:
         import peft
         import transformers
@@ -90,12 +95,16 @@ def worker(args: argparse.Namespace) -> None:
             if precision == "bf16":
                 return torch.autocast("cpu", dtype=torch.bfloat16)
             return torch.autocast("cpu", enabled=False)
+
+        def kernels(batch):
+            return contextlib.nullcontext()
     loaded_rss = rss_mb()
 
     def update(batch):
-        with context():
-            loss = loss_of(batch)
-        loss.backward()
+        with kernels(batch):  # around the backward pass too
+            with context():
+                loss = loss_of(batch)
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss)
