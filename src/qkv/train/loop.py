@@ -216,11 +216,15 @@ class _Fit:
                 last_log_time = time.perf_counter()
                 if loop.time_limit is not None and evaluated and not last and self.max_steps:
                     # fit again, now that evaluations are timed too (every rank the same)
-                    more = fit_schedule(self.step - first_step, last_log_time - start,
-                                        loop.time_limit, loop.eval_cost, loop.eval_every,
-                                        calibration, refit=True)[0]
+                    # from the time per update since the last fit: evaluations cost more
+                    # early (an untrained model's translations run to the length limit)
+                    now = last_log_time - start
+                    more = fit_schedule(self.step - first_step, now, loop.time_limit,
+                                        loop.eval_cost, loop.eval_every, calibration,
+                                        refit=True)[0]
                     if more is not None:
                         self.max_steps = self.par.agree(None, False, first_step + more)[2]
+                        calibration = (self.step - first_step, now)
                 last_log_seen = self.seen
                 # a Ctrl-C during the report stops the run now (on every rank)
                 signal = self.par.agree(stop.signal, out_of_time, self.max_steps)[0]

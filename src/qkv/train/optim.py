@@ -90,11 +90,12 @@ def fit_schedule(step: int, seconds: float, time_limit: float, eval_cost: float,
 
     `step` counts the updates of this process and `seconds` its time so far; an evaluation
     costs about `eval_cost` updates and comes every `eval_every`. The first fit comes after a
-    few timed updates. With `refit` (called just after an evaluation), the fit is made again
-    from the average time per update since the calibration started, evaluations included, so
-    a wrong guess of their cost, or a machine that got busier or quieter, is corrected while
-    the schedule still has time to reach its end. Returns (the total number of updates, or
-    None while still timing; the calibration start to pass back next time)."""
+    few timed updates. With `refit` (called just after an evaluation, `calibration_start` then
+    the (step, seconds) of the previous fit), the fit is made again from the time per update
+    since then, evaluations included, so a wrong guess of their cost, or a machine that got
+    busier or quieter, is corrected while the schedule still has time to reach its end.
+    Returns (the total number of updates, or None while still timing; the calibration start
+    to pass back next time)."""
     if step == 2:  # the first updates are slow (memory allocation, kernel selection)
         return None, (step, seconds)
     if calibration_start is None or step < calibration_start[0] + CALIBRATION_STEPS:
