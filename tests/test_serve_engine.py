@@ -316,7 +316,7 @@ def test_the_engine_gives_free_memory_back_once_each_time_it_goes_idle(monkeypat
             done = threading.Event()
             engine.submit([Sequence(tok.encode("hello", add_special_tokens=False),
                                     Sampling(max_tokens=5, temperature=0.0),
-                                    lambda ev: ev["type"] == "done" and done.set())])
+                                    lambda ev, done=done: ev["type"] == "done" and done.set())])
             assert done.wait(30)
             deadline = time.monotonic() + 5
             while len(calls) < burst and time.monotonic() < deadline:

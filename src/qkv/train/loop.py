@@ -215,9 +215,9 @@ class _Fit:
                 self.report(train_loss, lr, per_s, evaluated)
                 last_log_time = time.perf_counter()
                 if loop.time_limit is not None and evaluated and not last and self.max_steps:
-                    # fit again, now that evaluations are timed too (every rank the same)
-                    # from the time per update since the last fit: evaluations cost more
-                    # early (an untrained model's translations run to the length limit)
+                    # fit again from the time per update since the last fit, evaluations
+                    # included: they cost more early (an untrained translator decodes to the
+                    # length limit) than later; every rank takes the same (largest) count
                     now = last_log_time - start
                     more = fit_schedule(self.step - first_step, now, loop.time_limit,
                                         loop.eval_cost, loop.eval_every, calibration,
