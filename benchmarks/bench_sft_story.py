@@ -49,6 +49,7 @@ import torch
 
 import qkv
 from qkv.chat import ChatTemplate
+from qkv.checkpoint import WEIGHTS, load_weights
 from qkv.data.sft import SFTExample
 from qkv.tasks.sft import SFTSettings, finetune_sft
 from qkv.train import TrainConfig, train
@@ -183,7 +184,8 @@ def main() -> int:
                    help="fraction whose Q/A pairs choose the SFT checkpoint (the rest: held out)")
     p.add_argument("--base", type=Path, metavar="DIR",
                    help="skip pre-training: SFT this pre-trained model (the base/ of an earlier "
-                   "run with the same --seed, --countries and --mentions)")
+                   "run with the same --seed, --countries and --mentions; the weights of its "
+                   "last update, from base/training/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/story")
@@ -204,8 +206,9 @@ def main() -> int:
                       eval_windows=100, out=str(base_dir), seed=args.seed, threads=args.threads,
                       progress=False, lr=args.lr, batch_size=args.batch_size,
                       d_model=args.d_model, n_layers=args.layers)
-    if args.base is not None:
-        model, tok = qkv.load(args.base)
+    if args.base is not None:  # the model at pre-training's last update, as a full run SFTs
+        model, tok = qkv.load(args.base)  # (its model.safetensors is the lowest-val-loss one)
+        load_weights(model, args.base / "training" / WEIGHTS)
         val_loss = json.loads((args.base / "story.json").read_text())["val_loss"]
     else:
         result = train(cfg, overwrite=True)
