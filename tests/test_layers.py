@@ -158,3 +158,23 @@ def test_kv_cache_reorder_keeps_the_chosen_rows_in_place_or_in_new_buffers():
     assert torch.equal(cache.k[:, :, 4], k[:, :, 0]) and len(cache) == 5
     cache.reorder(torch.tensor([1]))  # fewer rows: new buffers
     assert cache.k.shape == (1, 2, 5, 5) and torch.equal(cache.k[0, :, :4], k[2])
+
+
+def test_dropout_zeroes_a_fraction_p_scales_the_rest_and_does_nothing_in_eval():
+    from qkv.layers import Dropout
+
+    torch.manual_seed(0)
+    x = torch.rand(200, 500) + 0.5  # no zeros of its own
+    drop = Dropout(0.3).train()
+    y = drop(x.requires_grad_())
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.3) < 0.01  # 100,000 draws: sd 0.0015
+    torch.testing.assert_close(y[kept], (x / 0.7)[kept])
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, kept.float() / 0.7)
+    assert abs(y.mean().item() / x.mean().item() - 1) < 0.01  # the expected size is kept
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x) and not Dropout(1.0).train()(x).any()
+    assert isinstance(drop, torch.nn.Dropout)
+    y16 = Dropout(0.5).train()(x.detach().bfloat16())
+    assert y16.dtype == torch.bfloat16

@@ -27,11 +27,12 @@ def _targets(rows: int = 37, vocab: int = 50) -> torch.Tensor:
     return y
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_equals_pytorch_in_fp32_values_and_gradients(many_slices, reduction):
+def test_equals_pytorch_in_fp32_values_and_gradients(many_slices, reduction, smoothing):
     z, y = _logits(), _targets()
-    ours = cross_entropy(z, y, reduction=reduction)
-    want = F.cross_entropy(z, y, reduction=reduction)
+    ours = cross_entropy(z, y, reduction=reduction, label_smoothing=smoothing)
+    want = F.cross_entropy(z, y, reduction=reduction, label_smoothing=smoothing)
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
     weights = torch.rand_like(want)  # a gradient that differs per row when reduction="none"
     (g_ours,) = torch.autograd.grad((ours * weights).sum(), z)

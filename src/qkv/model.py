@@ -25,6 +25,7 @@ from .config import ModelConfig
 from .errors import InputError
 from .layers.attention import CrossAttention, SelfAttention
 from .layers.block import DecoderBlock, DecoderCache, EncoderBlock
+from .layers.dropout import Dropout
 from .layers.embedding import TokenEmbedding, TypeEmbedding
 from .layers.feedforward import make_feedforward
 from .layers.heads import MLMTransform, Pooler, pool
@@ -90,7 +91,7 @@ class _Stack(nn.Module):
             self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.types = TypeEmbedding(cfg.type_vocab_size, cfg.d_model) if token_types else None
         self.embed_norm = _norm(cfg) if cfg.embedding_norm else nn.Identity()
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.norm = _norm(cfg) if cfg.final_norm else nn.Identity()
 
     def add_positions(self, x: torch.Tensor, positions: torch.Tensor,

@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..errors import ConfigError, InputError
+from ..layers.dropout import Dropout
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -167,7 +168,7 @@ class RNNTranslator(nn.Module):
         rnn = CELLS[cfg.cell]
         between = cfg.dropout if cfg.n_layers > 1 else 0.0
         self.embedding = nn.Embedding(cfg.vocab_size, E, padding_idx=cfg.pad_token_id)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.encoder = rnn(E, H, cfg.n_layers, batch_first=True, dropout=between,
                            bidirectional=cfg.attention)
         if cfg.attention:

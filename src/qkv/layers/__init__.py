@@ -2,6 +2,7 @@
 
 from .attention import CrossAttention, KVCache, SelfAttention, attention, record_attention
 from .block import DecoderBlock, DecoderCache, EncoderBlock
+from .dropout import Dropout
 from .embedding import TokenEmbedding, TypeEmbedding
 from .feedforward import FeedForward, GatedFeedForward
 from .heads import MLMTransform, Pooler, pool
@@ -9,7 +10,7 @@ from .norm import LayerNorm, RMSNorm
 from .position import LearnedPositions, RotaryEmbedding, SinusoidalPositions, sinusoidal_table
 
 __all__ = [
-    "CrossAttention", "DecoderBlock", "DecoderCache", "EncoderBlock", "FeedForward",
+    "CrossAttention", "DecoderBlock", "DecoderCache", "Dropout", "EncoderBlock", "FeedForward",
     "GatedFeedForward", "KVCache", "LayerNorm", "LearnedPositions", "MLMTransform", "Pooler",
     "RMSNorm", "RotaryEmbedding", "SelfAttention", "SinusoidalPositions", "TokenEmbedding",
     "TypeEmbedding", "attention", "pool", "record_attention", "sinusoidal_table",

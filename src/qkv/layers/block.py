@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .attention import CrossAttention, KVCache, SelfAttention
+from .dropout import Dropout
 
 
 class _Residual(nn.Module):
@@ -29,7 +30,7 @@ class _Residual(nn.Module):
     def __init__(self, pre_norm: bool, dropout: float):
         super().__init__()
         self.pre_norm = pre_norm
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def residual(self, x: torch.Tensor, norm: nn.Module,
                  sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

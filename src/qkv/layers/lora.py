@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from .dropout import Dropout
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class LoRALinear(nn.Linear):
                                  f"({p.size} x {in_features}); choose a rank of at most "
                                  f"{min(in_features, p.size)}")
         self.parts = list(parts)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         kw = {"device": device if device != "meta" else None, "dtype": dtype}
         self.lora_A = nn.ParameterList(
             nn.Parameter(torch.empty(p.rank, in_features, **kw)) for p in parts)

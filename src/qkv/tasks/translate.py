@@ -69,6 +69,7 @@ from ..train import LoopConfig, Objective, Schedule, fit, make_optimizer
 from ..train.checkpoint import find_training_checkpoint, read_state
 from ..train.distributed import launched
 from ..train.log import printer
+from ..train.loss import cross_entropy
 
 #: The model kinds `family` may name: the Transformer, and the recurrent baselines.
 FAMILIES = ("encoder-decoder", "rnn")
@@ -87,12 +88,11 @@ def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, pad: int,
                         smoothing: float = 0.1) -> torch.Tensor:
     """Mean label-smoothed cross-entropy over the tokens of `target` (B, T) that are not `pad`;
     logits (B, T, V). q = (1 - eps) onehot + eps / V (see the module docstring)."""
-    logp = logits.float().log_softmax(-1)  # (B, T, V)
     real = target != pad  # (B, T)
-    nll = -logp.gather(-1, target[..., None])[..., 0]  # (B, T): -log p(reference)
-    uniform = -logp.mean(-1)  # (B, T): - sum_v (1/V) log p(v)
-    per_token = (1.0 - smoothing) * nll + smoothing * uniform
-    return per_token[real].sum() / real.sum().clamp(min=1)
+    # (1 - eps) * -log p(reference) + eps * -(1/V) sum_v log p(v), a slice of rows at a time
+    per_token = cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=pad,
+                              reduction="none", label_smoothing=smoothing)  # (B*T,) fp32
+    return per_token.sum() / real.sum().clamp(min=1)
 
 
 def translation_loss(model: Any, batch: tuple[torch.Tensor, ...], pad: int,

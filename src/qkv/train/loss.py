@@ -13,6 +13,12 @@ a slice of rows at a time, in fp32, and writes the gradient directly in the logi
     loss_i        = logsumexp(z_i) - z_i[y_i]
     dloss_i/dz_i  = softmax(z_i) - onehot(y_i)
 
+With label smoothing eps (Szegedy et al. 2016; the Transformer paper's 0.1) the target is
+q = (1 - eps) onehot(y) + eps / V, and only one more number per row is needed, the mean logit:
+
+    loss_i        = logsumexp(z_i) - (1 - eps) z_i[y_i] - eps mean(z_i)
+    dloss_i/dz_i  = softmax(z_i) - (1 - eps) onehot(y_i) - eps / V
+
 Every slice is computed in fp32 whatever the logits' dtype, as F.cross_entropy on fp32 logits
 does; the full fp32 logits are never materialised.
 """
@@ -32,46 +38,58 @@ def _slices(rows: int, vocab: int):
 
 
 class _CrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy of logits (N, V) against targets (N,); ignored rows give 0."""
+    """Per-row cross-entropy of logits (N, V) against targets (N,), smoothed by `eps`; ignored
+    rows give 0."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
-                ignore_index: int) -> torch.Tensor:
+                ignore_index: int, eps: float) -> torch.Tensor:
         rows, vocab = logits.shape
         kept = targets != ignore_index
         safe = torch.where(kept, targets, 0)  # an ignored row looks up entry 0, then counts 0
         lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        mean = torch.zeros(rows, dtype=torch.float32, device=logits.device)
         for i, j in _slices(rows, vocab):
-            lse[i:j] = torch.logsumexp(logits[i:j].float(), dim=-1)
+            z = logits[i:j].float()
+            lse[i:j] = torch.logsumexp(z, dim=-1)
+            if eps:
+                mean[i:j] = z.mean(dim=-1)
         picked = logits.gather(1, safe[:, None]).squeeze(1).float()  # z_i[y_i], (N,)
-        losses = torch.where(kept, lse - picked, 0.0)
+        losses = torch.where(kept, lse - (1.0 - eps) * picked - eps * mean, 0.0)
         ctx.save_for_backward(logits, safe, kept, lse)
+        ctx.eps = eps
         return losses
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         logits, safe, kept, lse = ctx.saved_tensors
+        eps = ctx.eps
         rows, vocab = logits.shape
         scale = torch.where(kept, grad.float(), 0.0)  # (N,) dloss/dloss_i, 0 where ignored
         out = torch.empty_like(logits)
         for i, j in _slices(rows, vocab):
             p = logits[i:j].float()  # (n, V)
             p.sub_(lse[i:j, None]).exp_()  # softmax(z), from the saved normaliser
-            p[torch.arange(j - i, device=p.device), safe[i:j]] -= 1.0  # minus onehot(y)
+            if eps:
+                p.sub_(eps / vocab)
+            p[torch.arange(j - i, device=p.device), safe[i:j]] -= 1.0 - eps  # the target's part
             p.mul_(scale[i:j, None])
             out[i:j] = p  # in the logits' dtype
-        return out, None, None
+        return out, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                  reduction: str = "mean") -> torch.Tensor:
-    """F.cross_entropy(logits.float(), targets, ignore_index=..., reduction=...) for logits
-    (N, V) of any float dtype and targets (N,), computed a slice of rows at a time (see the
-    module docstring). "mean" averages over the targets that are not ignored (0 if none is)."""
+                  reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+    """F.cross_entropy(logits.float(), targets, ignore_index=..., reduction=...,
+    label_smoothing=...) for logits (N, V) of any float dtype and targets (N,), computed a slice
+    of rows at a time (see the module docstring). "mean" averages over the targets that are not
+    ignored (0 if none is)."""
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"cross_entropy takes logits (N, V) and targets (N,), not "
                          f"{tuple(logits.shape)} and {tuple(targets.shape)}")
-    losses = _CrossEntropy.apply(logits, targets, ignore_index)  # (N,) fp32
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+    losses = _CrossEntropy.apply(logits, targets, ignore_index, float(label_smoothing))  # (N,)
     if reduction == "none":
         return losses
     if reduction == "sum":
