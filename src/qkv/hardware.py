@@ -119,15 +119,11 @@ def hold_frozen_weights(model: torch.nn.Module, precision: str) -> dict[str, tor
     chosen = {id(m.weight) for m in model.modules()
               if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
               and m.weight.dtype == torch.float32 and id(m.weight) not in embedded}
-    held: dict[str, torch.Tensor] = {}
-    cast: dict[int, torch.Tensor] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
+    held = {name: p.data for name, p in model.named_parameters(remove_duplicate=False)
+            if id(p) in chosen}  # every name of a shared weight
+    for p in model.parameters():  # each weight once
         if id(p) in chosen:
-            held[name] = p.data
-            if id(p) not in cast:
-                cast[id(p)] = p.data.to(torch.bfloat16)
-    for p in {id(p): p for p in model.parameters() if id(p) in chosen}.values():
-        p.data = cast[id(p)]
+            p.data = p.data.to(torch.bfloat16)
     return held
 
 

@@ -88,11 +88,9 @@ def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, pad: int,
                         smoothing: float = 0.1) -> torch.Tensor:
     """Mean label-smoothed cross-entropy over the tokens of `target` (B, T) that are not `pad`;
     logits (B, T, V). q = (1 - eps) onehot + eps / V (see the module docstring)."""
-    real = target != pad  # (B, T)
     # (1 - eps) * -log p(reference) + eps * -(1/V) sum_v log p(v), a slice of rows at a time
-    per_token = cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=pad,
-                              reduction="none", label_smoothing=smoothing)  # (B*T,) fp32
-    return per_token.sum() / real.sum().clamp(min=1)
+    return cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=pad,
+                         label_smoothing=smoothing)
 
 
 def translation_loss(model: Any, batch: tuple[torch.Tensor, ...], pad: int,

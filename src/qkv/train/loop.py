@@ -75,8 +75,6 @@ def fit(model: Any, optimizer: torch.optim.Optimizer, objective: Objective, loop
     record as it is written."""
     job = _Fit(model, optimizer, objective, loop, Path(out) if out is not None else None,
                extra_state or {}, callback)
-    # frozen weights (LoRA's base) in bf16 once, not at every forward pass; saved as they were
-    job.held = {} if loop.fsdp else hold_frozen_weights(model, loop.precision)
     try:
         return job.run(resume)
     finally:
@@ -97,7 +95,9 @@ class _Fit:
         self.metrics: dict[str, float] | None = None  # of the last evaluation
         self.best_step, self.history = 0, []
         self.best_state: dict[str, torch.Tensor] | None = None
-        self.held: dict[str, torch.Tensor] = {}  # fp32 originals of weights held in bf16
+        # frozen weights (LoRA's base) in bf16 once, not at every forward pass; `held` keeps
+        # their fp32 originals, which are saved, and which fit() puts back at the end
+        self.held = {} if loop.fsdp else hold_frozen_weights(model, loop.precision)
         self.par: Parallel
 
     # ---- 1. resume, or start a fresh run directory ---------------------------------------------

@@ -48,14 +48,15 @@ class _CrossEntropy(torch.autograd.Function):
         kept = targets != ignore_index
         safe = torch.where(kept, targets, 0)  # an ignored row looks up entry 0, then counts 0
         lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        mean = torch.zeros(rows, dtype=torch.float32, device=logits.device)
+        mean = torch.empty(rows, dtype=torch.float32, device=logits.device) if eps else None
         for i, j in _slices(rows, vocab):
             z = logits[i:j].float()
             lse[i:j] = torch.logsumexp(z, dim=-1)
-            if eps:
+            if mean is not None:
                 mean[i:j] = z.mean(dim=-1)
         picked = logits.gather(1, safe[:, None]).squeeze(1).float()  # z_i[y_i], (N,)
-        losses = torch.where(kept, lse - (1.0 - eps) * picked - eps * mean, 0.0)
+        losses = lse - picked if mean is None else lse - (1.0 - eps) * picked - eps * mean
+        losses = torch.where(kept, losses, 0.0)
         ctx.save_for_backward(logits, safe, kept, lse)
         ctx.eps = eps
         return losses
