@@ -52,7 +52,6 @@ import contextlib
 import copy
 import ctypes
 import functools
-import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -395,17 +394,18 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 def release_free_memory() -> None:
-    """Free what only a full garbage collection frees, then return the C heap's free pages to
-    the system (glibc's malloc_trim; elsewhere only the collection).
+    """Return the C heap's free pages to the system (glibc's malloc_trim; a no-op elsewhere).
 
     Every sequence's KV cache grows by reallocation and is freed when the sequence ends. glibc
     serves such blocks from its heaps once a block of that size has been freed (its mmap
     threshold rises to it), and keeps the freed pages, so a server's resident memory creeps up
     from one burst of requests to the next. Doing this when the engine goes idle keeps it
-    flat."""
-    gc.collect()
+    flat. There is no garbage collection here: the engine drops every cache the moment its
+    sequence ends, is cancelled or fails, and a full collection would hold the interpreter
+    lock for as long as it takes to walk every object (hundreds of milliseconds in a large
+    process), stalling the server's event loop."""
     trim = _malloc_trim()
-    if trim is not None:
+    if trim is not None:  # ctypes lets go of the interpreter lock during the call
         trim(0)
 
 
