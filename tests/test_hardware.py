@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -139,3 +140,14 @@ def test_training_attention_picks_the_kernel_by_precision_and_length(precision, 
     forced_math = calls[0] == SDPBackend.MATH.value if hasattr(SDPBackend.MATH, "value") \
         else calls[0] == int(SDPBackend.MATH)
     assert forced_math == math
+
+
+def test_the_cli_keeps_onednns_kernel_cache_small_unless_told_otherwise(monkeypatch, capsys):
+    from qkv.cli import main
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert main([]) == 0  # no command: the help, after the setting
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(hw.KERNEL_CACHE) == "64"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")  # the user's choice stands
+    assert main([]) == 0
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"

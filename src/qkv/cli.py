@@ -21,6 +21,7 @@ from . import commands
 from ._version import __version__
 from .commands._args import one_line_errors
 from .errors import QkvError
+from .hardware import small_kernel_cache
 from .io import os_error_sentence
 
 EPILOG = """examples:
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    small_kernel_cache()  # before any matrix product: oneDNN reads it once
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
