@@ -162,12 +162,11 @@ def small_kernel_cache() -> None:
     starts), unless ONEDNN_PRIMITIVE_CACHE_CAPACITY is already set.
 
     oneDNN, which runs PyTorch's CPU matrix products, compiles a kernel for each new shape and
-    caches it. Training on batches of varying shapes (length-bucketed translation batches, SFT
-    batches padded to their longest example) fills its 1,024-entry cache, and every entry keeps
-    its working memory: en->de translation training held about 1.5 GB more with the default
-    cache and ran no faster (docs/performance.md). oneDNN reads the variable once, when it
-    makes its first kernel, so the CLI calls this first thing; in your own program, set the
-    variable before the first matrix product."""
+    caches it. Training on batches of varying shapes (length-bucketed translation batches, for
+    one) fills its 1,024-entry cache, and every entry keeps its working memory; a smaller cache
+    saved memory there at no cost in speed (measured in docs/performance.md). oneDNN reads the
+    variable once, when it makes its first kernel, so the CLI calls this first thing; in your
+    own program, set the variable before the first matrix product."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(KERNEL_CACHE))
 
 
