@@ -500,19 +500,22 @@ def _queue_full() -> ApiError:
                     "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
 
 
+DISCONNECT_CHECK = 0.1  # seconds between two looks for a plain client that went away
+
+
 async def _events(req: _Request, request: Request | None, count: int) -> AsyncIterator[dict]:
     """The events of `count` sequences until all are done. With `request` (not streaming), a
-    client that disconnects is noticed within a tenth of a second."""
+    client that disconnects is noticed within DISCONNECT_CHECK seconds."""
     done, checked = 0, time.monotonic()
     while done < count:
         if request is None:  # streaming: a disconnect cancels this coroutine; no timer needed
             event = await req.queue.get()
         else:
             try:
-                event = await asyncio.wait_for(req.queue.get(), timeout=0.1)
+                event = await asyncio.wait_for(req.queue.get(), timeout=DISCONNECT_CHECK)
             except asyncio.TimeoutError:
                 event = None
-        if request is not None and time.monotonic() - checked >= 0.1:
+        if request is not None and time.monotonic() - checked >= DISCONNECT_CHECK:
             checked = time.monotonic()
             if await request.is_disconnected():
                 return
