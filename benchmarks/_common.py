@@ -33,7 +33,7 @@ from qkv.data import BUNDLED, eval_batches, split  # the bundled corpus, qkv's v
 from qkv.generate import decode_tokens  # token ids in, token ids out (no tokenizer needed)
 from qkv.hardware import autocast, resolve_precision, set_threads, training_attention
 from qkv.hub import packaged_minilm_path  # the pip-installed all-MiniLM-L6-v2
-from qkv.quantize import Int8Linear, use_matrix_vector  # bytes per step; the bf16 decode path
+from qkv.quantize import Int8Linear, pack_linears  # bytes per step; the bf16 decode path
 from qkv.train import next_token_loss  # one training step's loss, as qkv's loop takes it
 from qkv.train.optim import make_optimizer
 
@@ -41,7 +41,7 @@ __all__ = [
     "autocast", "BABY_RECIPE", "BUNDLED", "CPU", "DATA", "decode_tokens", "eval_batches",
     "hf_gpt2", "Int8Linear", "make_optimizer", "next_token_loss", "packaged_minilm_path",
     "param_count", "peer_adamw", "peer_autocast", "print_table", "race", "resolve_precision",
-    "set_threads", "split", "threads", "train_baby", "training_attention", "use_matrix_vector",
+    "set_threads", "split", "threads", "train_baby", "training_attention", "pack_linears",
     "copy_bandwidth", "matmul_ceiling",
 ]
 

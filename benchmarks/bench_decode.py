@@ -53,13 +53,13 @@ from _common import (
     decode_tokens,
     eval_batches,
     hf_gpt2,
+    pack_linears,
     peer_autocast,
     print_table,
     race,
     split,
     threads,
     train_baby,
-    use_matrix_vector,
 )
 
 import qkv
@@ -91,7 +91,7 @@ def convert(model: qkv.Transformer, fmt: str) -> qkv.Transformer:
         return qkv.quantize_int8(model, activations=fmt)
     if fmt == "int8-weight-only":
         return qkv.quantize_int8(model.to(torch.bfloat16), activations="float")
-    return use_matrix_vector(model.to(torch.bfloat16)) if fmt == "bf16" else model
+    return pack_linears(model.to(torch.bfloat16)) if fmt == "bf16" else model
 
 
 def main() -> int:

@@ -72,7 +72,7 @@ def build(quick: bool) -> tuple[qkv.Transformer, qkv.Tokenizer]:
 
 
 DEFAULT_DTYPE = "bf16"  # qkv serve's default
-FASTEST = {"fp32": "nn.Linear", "bf16": "torch.mv, qkv.quantize.use_matrix_vector",
+FASTEST = {"fp32": "nn.Linear", "bf16": "oneDNN packed weights, qkv.quantize.pack_linears",
            "int8": "FBGEMM, int8 inputs on one range per batch"}
 
 
@@ -80,13 +80,13 @@ def converted(model: qkv.Transformer, dtype: str, exact: bool,
               fastest: bool = False) -> qkv.Transformer:
     """A copy of `model` in `dtype` as `qkv serve --dtype` loads it (`exact`: exact batching),
     or (`fastest`) as qkv decodes one stream fastest in that format."""
-    from qkv.quantize import use_matrix_vector
+    from qkv.quantize import pack_linears
 
     if dtype == "fp32":
         return model
     if dtype == "bf16":
         bf16 = copy.deepcopy(model).to(torch.bfloat16)
-        return use_matrix_vector(bf16) if fastest else bf16
+        return pack_linears(bf16) if fastest else bf16
     return qkv.quantize_int8(copy.deepcopy(model),
                              activations="int8-rows" if exact and not fastest else "int8")
 

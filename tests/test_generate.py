@@ -16,7 +16,7 @@ from qkv.generate import (
     sample_next,
     stream_generate,
 )
-from qkv.quantize import MatrixVectorLinear, use_matrix_vector
+from qkv.quantize import PackedLinear, pack_linears
 
 TEXT = "the quick brown fox jumps over the lazy dog.\nTHE FIVE BOXING WIZARDS JUMP QUICKLY!\n"
 
@@ -179,21 +179,54 @@ def test_seq2seq_greedy_and_beam_search():
     assert len(beams) == 2 and all(all(2 <= t < 20 or t == 0 for t in b) for b in beams)
 
 
-def test_the_bf16_fast_path_multiplies_single_vectors_with_mv_and_decodes_the_same(tokenizer):
+def test_packed_bf16_linears_give_nn_linears_numbers_and_decode_the_same(tokenizer):
     model = make_model(tokenizer).to(torch.bfloat16)
     prompt = tokenizer.encode("the quick")
     expected = naive_greedy(model, prompt, 40)  # full-sequence matmuls
     head = model.lm_head.weight
-    assert use_matrix_vector(model) is model
+    assert pack_linears(model) is model
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert layers and all(type(m) is MatrixVectorLinear for m in layers)
+    assert layers and all(type(m) is PackedLinear for m in layers)
     assert model.lm_head.weight is head  # the same parameters, not copies
-    layer, x = layers[0], torch.randn(1, 1, layers[0].in_features, dtype=torch.bfloat16)
-    assert torch.equal(layer(x)[0, 0], torch.mv(layer.weight, x[0, 0]) + layer.bias)
-    batch = torch.randn(3, 2, layer.in_features, dtype=torch.bfloat16)
-    assert torch.equal(layer(batch), torch.nn.functional.linear(batch, layer.weight, layer.bias))
+    layer = layers[0]
+    with torch.inference_mode():
+        for shape in [(1, 1), (3, 2), (8, 1), (2, 37)]:  # one row, a few, a prompt
+            x = torch.randn(*shape, layer.in_features, dtype=torch.bfloat16)
+            assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    if layer._packed is not None:  # where oneDNN's bf16 kernel exists, the packed path ran
+        assert layer._packed.is_mkldnn
     cached = [int(t) for t in decode_tokens(model, [prompt], 40, temperature=0)]
     assert cached == expected
+
+
+def test_a_packed_linear_follows_its_weight_and_trains_like_a_plain_one():
+    """The packed copy is remade when the weight changes in place, and with gradients on the
+    layer is an ordinary nn.Linear (gradients reach the weight)."""
+    torch.manual_seed(0)
+    layer = PackedLinear(torch.nn.Linear(16, 24).to(torch.bfloat16))
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.mul_(2)
+        after = layer(x)
+    assert torch.equal(after, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert not torch.equal(before, after)
+    layer(x).float().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_fp32_packing_is_for_its_row_count_only():
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(16, 24)
+    layer = pack_linears(torch.nn.Sequential(plain), rows=4)[0]
+    assert type(layer) is PackedLinear and layer.rows == 4
+    with torch.inference_mode():
+        for rows in (1, 4, 5):
+            x = torch.randn(rows, 16)
+            y = layer(x)
+            assert torch.allclose(y, plain(x), atol=1e-5)
+            if rows != 4:  # other row counts take nn.Linear's own path: the same bits
+                assert torch.equal(y, torch.nn.functional.linear(x, plain.weight, plain.bias))
 
 
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0])

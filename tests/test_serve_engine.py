@@ -11,8 +11,10 @@ import httpx
 import openai
 import pytest
 import torch
+import torch.nn.functional as F
 
 import qkv
+from qkv.quantize import PackedLinear
 from qkv.serve import Engine, Sampling, Sequence
 from serve_util import live_server, make_app, served_decoder, tiny_decoder
 
@@ -94,13 +96,14 @@ def test_the_fixed_width_is_what_keeps_the_numbers_exact():
         eight = layer(x)
         assert not torch.equal(one, eight)
         assert torch.allclose(one, eight, atol=1e-5)
-        engine = Engine(*tiny_decoder(), max_seqs=8)
+        model, tok = tiny_decoder()
+        engine = Engine(model, tok, max_seqs=8)
         engine.close()
-        if engine.packed.layers:
-            _, forward = next(p for p in engine.packed.layers if p[0].in_features == 32)
-            layer32 = next(p[0] for p in engine.packed.layers if p[0].in_features == 32)
-            y = torch.randn(8, 1, 32)
-            assert torch.allclose(forward(y), layer32(y), atol=1e-5)
+        layer32 = next(m for m in model.modules() if isinstance(m, PackedLinear)
+                       and m.in_features == 32)
+        assert layer32.rows == 8  # the engine packed the served model's layers for its width
+        y = torch.randn(8, 1, 32)
+        assert torch.allclose(layer32(y), F.linear(y, layer32.weight, layer32.bias), atol=1e-5)
 
 
 def test_without_exact_batching_a_lone_stream_is_qkv_generate_and_batches_are_close():

@@ -41,6 +41,7 @@ from .batching import evaluating, model_device, pad_id, pad_rows
 from .errors import InputError, QkvError
 from .hardware import autocast, resolve_precision
 from .model import Transformer
+from .quantize import pack_linears
 from .tokenizer import Tokenizer
 
 Embed = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -149,12 +150,14 @@ def _weights_key(model: Transformer) -> tuple | None:
         return None
 
 
-def _prepared(model: Transformer, dtype: torch.dtype | None) -> _Prepared:
+def _prepared(model: Transformer, dtype: torch.dtype | None, pack: bool = False) -> _Prepared:
     """The kept copy of `model` with its weights in `dtype` (None: the model's own weights,
-    shared, not copied), made again when the model's weights have changed."""
+    shared, not copied), made again when the model's weights have changed. `pack`: its bf16
+    linear layers multiply a copy of their weights laid out once for oneDNN
+    (`quantize.pack_linears`) instead of rearranging them at every batch."""
     key = _weights_key(model)
     entries = _PREPARED.setdefault(model, {})
-    name = str(dtype)
+    name = f"{dtype}, packed" if pack else str(dtype)
     entry = entries.get(name)
     if entry is None or key is None or entry.key != key:
         # Each parameter goes straight into the copy through deepcopy's memo: cast (the fp32
@@ -166,6 +169,8 @@ def _prepared(model: Transformer, dtype: torch.dtype | None) -> _Prepared:
         clone = copy.deepcopy(model, memo)
         if dtype is not None:
             clone = clone.to(dtype)  # the floating-point buffers too
+        if pack:
+            pack_linears(clone)
         entry = entries[name] = _Prepared(key, clone.eval())
     return entry
 
@@ -187,7 +192,7 @@ def _embedder(model: Transformer, precision: str, compile: bool, batch_size: int
     cast = torch.bfloat16 if precision == "bf16" and dtype == torch.float32 else None
     if compile:
         return _compiled(_prepared(model, cast), batch_size), contextlib.nullcontext()
-    plain = model if cast is None else _prepared(model, cast).model
+    plain = model if cast is None else _prepared(model, cast, pack=True).model
     return _pooled(plain), contextlib.nullcontext()
 
 

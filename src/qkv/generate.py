@@ -146,7 +146,7 @@ def decode_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
     Each prompt must fit the context (see `generate` for truncation). The caller may stop early
     (stop strings, end-of-text) simply by not asking for more. Prompts of different lengths are
     padded on the left with `pad` (`qkv.batching.pad_id(tokenizer)`; hidden by the mask). (For
-    bf16 weights on a CPU, `qkv.quantize.use_matrix_vector(model)` first makes each step faster.)
+    bf16 weights on a CPU, `qkv.quantize.pack_linears(model)` first makes each step faster.)
     """
     rows = [list(p) for p in prompts]
     context = model.config.max_seq_len

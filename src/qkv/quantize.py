@@ -40,12 +40,12 @@ trained model with fp32, bf16 and int8 weights (see docs/training.md).
 
     model = qkv.quantize_int8(model)   # in place: every nn.Linear, and the output layer
 
-bf16 weights have a fast path of their own for decoding on a CPU, `use_matrix_vector`: each new
-token multiplies every weight matrix by a single vector, and PyTorch's matrix-vector kernel
-(`torch.mv`) streams bf16 weights faster than the general matrix-multiply path `nn.Linear` takes
-(see docs/training.md for the measurement); the products are the same, summed in fp32 by both.
+bf16 weights have a fast path of their own for inference on a CPU, `pack_linears`: each weight
+is laid out once in the blocked form oneDNN's kernel multiplies, instead of at every call, so a
+decoding step reads each weight once (see PackedLinear and docs/performance.md); the products
+are the same numbers as nn.Linear's.
 
-    model = qkv.quantize.use_matrix_vector(model.to(torch.bfloat16))   # opt-in, in place
+    model = qkv.quantize.pack_linears(model.to(torch.bfloat16))   # opt-in, in place
 """
 
 from __future__ import annotations
@@ -209,36 +209,112 @@ def quantize_int8(model: nn.Module, activations: str = "int8") -> nn.Module:
         model.float()  # the int8 paths round fp32 inputs; the non-linear parts are tiny
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):  # MatrixVectorLinear too
+            if isinstance(child, nn.Linear):  # PackedLinear too
                 setattr(parent, name, Int8Linear.from_linear(child, activations))
     return model.eval()
 
 
-class MatrixVectorLinear(nn.Linear):
-    """An nn.Linear, with the same weight and bias, that multiplies a single bf16 vector on the
-    CPU with `torch.mv`; any other input takes the usual path."""
+class PackedLinear(nn.Linear):
+    """An nn.Linear, with the same weight and bias, whose inference products on a CPU read a
+    copy of the weight laid out once for the kernel that multiplies it.
 
-    def __init__(self, layer: nn.Linear):
+    A plain `F.linear` hands oneDNN (bf16) or MKL (fp32) the weight as it is stored, and the
+    kernel rearranges it into its own blocked layout at every call: for a decoding step of a
+    few rows, reading the weight twice. The packed copy is that layout, made once:
+
+    - bf16: oneDNN's layout (`torch.ops.mkldnn._reorder_linear_weight`, multiplied by
+      `torch.ops.mkldnn._linear_pointwise`, the pair PyTorch's own compiler uses for CPU
+      inference). Any number of rows; the same numbers as `F.linear` (tested), and a row's
+      result does not depend on how many rows share the product.
+    - fp32: MKL's layout for exactly `rows` rows (`torch.ops.mkl._mkl_linear`); a product of
+      any other number of rows takes `F.linear`. Its sums are ordered differently from
+      `F.linear`'s, so it is off unless `rows` is given (the server, whose steps all have the
+      same width, asks for it).
+
+    Training never takes the packed path: with gradients on and the weight trainable, the
+    layer is a plain nn.Linear. The copy is made at the first packed call and made again when
+    the weight changes (its version counter moves), so a model that is trained again stays
+    right. The price is a second copy of the weight in memory.
+    """
+
+    def __init__(self, layer: nn.Linear, rows: int | None = None):
         nn.Module.__init__(self)  # not nn.Linear's: the parameters are the layer's own, shared
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.weight, self.bias = layer.weight, layer.bias
+        self.rows = rows
+        self._packed: torch.Tensor | None = None
+        # the weight's address, dtype and version when it was packed
+        self._packed_from: tuple[int, torch.dtype, int] | None = None
+
+    def _packed_weight(self) -> torch.Tensor | None:
+        """The packed copy for this weight's dtype, (re)made if the weight changed; None where
+        no packed kernel serves it."""
+        w = self.weight
+        try:
+            version = w._version
+        except RuntimeError:  # an inference tensor keeps no version counter
+            version = -1
+        key = (w.data_ptr(), w.dtype, version)
+        if self._packed_from != key:
+            self._packed = _pack(w.detach(), self.rows)
+            self._packed_from = key
+        return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1] and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            y = torch.mv(self.weight, x.reshape(-1))  # (out_features,)
-            if self.bias is not None:
-                y = y + self.bias
-            return y.view(*x.shape[:-1], -1)
-        return F.linear(x, self.weight, self.bias)
+        w = self.weight
+        if (x.device.type != "cpu" or x.dtype != w.dtype
+                or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+            return F.linear(x, w, self.bias)
+        flat = x.reshape(-1, self.in_features)  # (rows, in)
+        if w.dtype == torch.float32 and flat.shape[0] != self.rows:
+            return F.linear(x, w, self.bias)
+        packed = self._packed_weight()
+        if packed is None:
+            return F.linear(x, w, self.bias)
+        if w.dtype == torch.bfloat16:
+            y = torch.ops.mkldnn._linear_pointwise(flat, packed, self.bias, "none", [], "")
+        else:
+            y = torch.ops.mkl._mkl_linear(flat, packed, w, self.bias, flat.shape[0])
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        rows = "" if self.rows is None else f", fp32 packed for {self.rows} rows"
+        return super().extra_repr() + rows
 
 
-def use_matrix_vector(model: nn.Module) -> nn.Module:
-    """Swap every nn.Linear of `model` for a MatrixVectorLinear, in place: the fast path for
-    decoding one sequence with bf16 weights on a CPU. Weights, ties and results stay the same."""
+@functools.cache
+def _packing_kernels() -> tuple[bool, bool]:
+    """(oneDNN's bf16 packed product, MKL's fp32 packed product): which this torch build has.
+    bf16 counts only where the CPU computes bf16 natively (AMX or AVX512-BF16)."""
+    from .hardware import cpu_has_bf16
+
+    mkldnn = (torch.backends.mkldnn.is_available() and cpu_has_bf16()
+              and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    mkl = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+    return mkldnn, mkl
+
+
+def _pack(weight: torch.Tensor, rows: int | None) -> torch.Tensor | None:
+    mkldnn, mkl = _packing_kernels()
+    if weight.dtype == torch.bfloat16 and mkldnn:
+        return torch.ops.mkldnn._reorder_linear_weight(weight)
+    if weight.dtype == torch.float32 and mkl and rows is not None:
+        return torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+    return None
+
+
+def pack_linears(model: nn.Module, rows: int | None = None) -> nn.Module:
+    """Swap every nn.Linear of `model` for a PackedLinear, in place: faster inference on a CPU,
+    above all for decoding (a step multiplies every weight by a few rows, and the time goes
+    into reading weights). bf16 weights are packed for any number of rows; fp32 weights only
+    when `rows` is given, for products of exactly that many rows. Weights, ties and results
+    stay the same (fp32 with `rows`: the same up to the order of the sums)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, MatrixVectorLinear(child))
+                setattr(parent, name, PackedLinear(child, rows))
+            elif isinstance(child, PackedLinear):
+                child.rows, child._packed_from = rows, None
     return model
 
 
