@@ -13,6 +13,7 @@ from conftest import CAPTIONS
 from qkv import embeddings
 from qkv.embeddings import bf16_copy, encode_sentences, token_ids
 from qkv.hub import packaged_minilm_path
+from qkv.quantize import PackedLinear
 
 TEXTS = CAPTIONS
 
@@ -62,6 +63,8 @@ def test_bf16_uses_a_kept_copy_and_follows_weight_updates():
     assert next(copy.parameters()).dtype == torch.bfloat16
     assert next(model.parameters()).dtype == torch.float32  # the model is left as it is
     assert copy.lm_head.weight is copy.token_embedding.weight  # tied weights stay tied
+    linears = [m for m in copy.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, PackedLinear) for m in linears)  # packed for oneDNN
     got = encode_sentences(model, tok, TEXTS, precision="bf16")
     assert torch.allclose(got, plain(model, tok, TEXTS, torch.bfloat16), atol=2e-2)
     assert torch.nn.functional.cosine_similarity(got, plain(model, tok, TEXTS)).min() > 0.99

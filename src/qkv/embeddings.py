@@ -177,10 +177,11 @@ def _prepared(model: Transformer, dtype: torch.dtype | None, pack: bool = False)
 
 def bf16_copy(model: Transformer) -> Transformer:
     """A bf16 copy of `model` for inference (eval mode), made once and kept until the model's
-    weights change; the model itself is left as it is. A model already in bf16 is returned."""
+    weights change; the model itself is left as it is. A model already in bf16 is returned.
+    Its linear layers are `quantize.PackedLinear`s: the same numbers, faster on a CPU."""
     if next(model.parameters()).dtype == torch.bfloat16:
         return model
-    return _prepared(model, torch.bfloat16).model
+    return _prepared(model, torch.bfloat16, pack=True).model
 
 
 def _embedder(model: Transformer, precision: str, compile: bool, batch_size: int):
