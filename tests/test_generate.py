@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -213,6 +214,9 @@ def test_a_packed_linear_follows_its_weight_and_trains_like_a_plain_one():
     assert not torch.equal(before, after)
     layer(x).float().sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    twin = copy.deepcopy(layer)  # a used layer copies (its packed copy is left behind)
+    with torch.no_grad():
+        assert torch.equal(twin(x), layer(x))
 
 
 def test_fp32_packing_is_for_its_row_count_only():

@@ -246,6 +246,13 @@ class PackedLinear(nn.Linear):
         # the weight's address, dtype and version when it was packed
         self._packed_from: tuple[int, torch.dtype, int] | None = None
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the packed copy out (oneDNN's layout has no storage to
+        copy); the copy packs its own weight at its first call."""
+        state = self.__dict__.copy()
+        state["_packed"] = state["_packed_from"] = None
+        return state
+
     def _packed_weight(self) -> torch.Tensor | None:
         """The packed copy for this weight's dtype, (re)made if the weight changed; None where
         no packed kernel serves it."""
