@@ -31,9 +31,10 @@ or beside others:
 
 The step's linear layers read weights laid out once for their kernels (`quantize.pack_linears`,
 in place on the served model): bf16 weights in oneDNN's blocked layout, for any number of rows
-(the same numbers as nn.Linear, about 1.8x faster at 8 rows), and fp32 weights in MKL's packed
-layout for a batch of `max_seqs` rows (eight rows then cost about what one row costs with
-`nn.Linear`). The price is a second copy of the weights in memory; `pack=False` turns it off.
+(the same numbers as nn.Linear; 1.36x faster at 8 rows in bench_products.py), and fp32
+weights in MKL's packed layout for a batch of `max_seqs` rows (eight rows then cost about what
+one row costs with `nn.Linear`). The price is a second copy of the weights in memory;
+`pack=False` turns it off.
 
 A model whose rows depend on their neighbours' values (FBGEMM's int8 inputs share one range
 per batch: `quantize_int8(activations="int8")`) fails the probe: `exact_verified` is then
