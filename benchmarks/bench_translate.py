@@ -6,6 +6,8 @@ harness, on one metric.
     python benchmarks/bench_translate.py --only lstm bahdanau --time-budget 30m
     python benchmarks/bench_translate.py --only throughput     qkv vs HF MarianMTModel, one batch
     python benchmarks/bench_translate.py --quick               a smoke run: tiny budgets, subsets
+    python benchmarks/bench_translate.py --only en-de --set norm_placement=post --runs runs/t1
+                                                               a recipe trial (any setting)
 
 Every run trains with qkv's own recipe (qkv.tasks.translate.train_translation: the one loop,
 the joint BPE, label smoothing, token-budget batches), keeps the best checkpoint by validation
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +89,9 @@ def test_set(name: str, quick: bool, limit: int | None = None) -> tuple[list[str
 def run_one(name: str, budget: float, runs: Path, quick: bool, n_threads: int,
             beam: int, test_sentences: int | None = None,
             warmup: int | None = None, eval_every: int | None = None,
-            score_only: bool = False) -> dict[str, Any]:
+            score_only: bool = False, changes: dict[str, Any] | None = None) -> dict[str, Any]:
     overrides, _, target, anchor = RUNS[name]
+    overrides = {**overrides, **(changes or {})}  # --set: a recipe trial
     s = TranslateSettings(**{"data": str(MULTI30K), **overrides})
     # The budget covers the whole run: the training loop stops a minute early, which leaves
     # the time to learn the tokenizer and to validate the final model.
@@ -218,6 +222,23 @@ def alignment_figure(runs: Path, path: Path) -> None:
     print(f"alignment figure: {path}")
 
 
+def recipe_changes(p: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
+    """--set KEY=VALUE items as {field: value}; a value reads as JSON where it can (numbers,
+    true/false, null), else as text."""
+    known = {f.name for f in fields(TranslateSettings)}
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in known:
+            p.error(f"--set {item!r}: expected KEY=VALUE with KEY one of the settings "
+                    f"({', '.join(sorted(known))})")
+        try:
+            changes[key] = json.loads(text)
+        except json.JSONDecodeError:
+            changes[key] = text
+    return changes
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -238,12 +259,16 @@ def main() -> None:
     p.add_argument("--score-only", action="store_true",
                    help="train nothing: decode and score the models already in --runs (their "
                    "training steps and time read from their log.jsonl)")
+    p.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one setting of the recipe (a TranslateSettings field), for a "
+                   "trial: --set norm_placement=post --set lr=2e-3 (repeatable)")
     p.add_argument("--threads", type=int)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of the throughput race")
     p.add_argument("--runs", type=Path, default=Path("runs/bench-translate"))
     p.add_argument("--json-out", type=Path, help="write every figure here")
     p.add_argument("--figure", type=Path, help="save the alignment heatmaps here (PNG)")
     args = p.parse_args()
+    changes = recipe_changes(p, args.changes)
     n = threads(args.threads)
     chosen = args.only or [*RUNS, "throughput"]
     results: dict[str, Any] = {"threads": n, "quick": args.quick}
@@ -254,7 +279,9 @@ def main() -> None:
         budget = 30.0 if args.quick else (args.time_budget or RUNS[name][1])
         results[name] = r = run_one(name, budget, args.runs, args.quick, n, args.beam,
                                     args.test_sentences, args.warmup_steps, args.eval_every,
-                                    args.score_only)
+                                    args.score_only, changes)
+        if changes:
+            r["changes"] = changes
         print(json.dumps(r), flush=True)
     rows = {}
     for name in chosen:

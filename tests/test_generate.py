@@ -124,6 +124,28 @@ def test_a_prompt_longer_than_the_context_is_an_error_unless_truncated(tokenizer
                                     temperature=0)
 
 
+def test_decoding_sizes_each_cache_once_for_the_prompt_and_the_new_tokens(tokenizer,
+                                                                          monkeypatch):
+    model = make_model(tokenizer, max_seq_len=128)
+    made = []
+    new_cache = model.new_cache
+
+    def spy(capacity=None):
+        made.append(new_cache(capacity))
+        return made[-1]
+    monkeypatch.setattr(model, "new_cache", spy)
+    prompt = tokenizer.encode("the quick")  # 9 tokens
+    tokens = [int(t) for t in decode_tokens(model, [prompt], 90, temperature=0)]
+    assert tokens == naive_greedy(model, prompt, 90)
+    (cache,) = made
+    for self_cache, _ in cache.layers:  # room for 9 + 90: never reallocated past 64
+        assert self_cache._k is not None and self_cache._k.shape[-2] == 9 + 90
+        assert len(self_cache) == 9 + 89  # the last token is never fed back
+    made.clear()
+    list(decode_tokens(model, [prompt], 500, temperature=0))  # more than the context holds
+    assert made[0].layers[0][0]._k.shape[-2] == 128
+
+
 def test_a_full_context_stops_or_slides(tokenizer):
     model = make_model(tokenizer, max_seq_len=16)
     prompt = tokenizer.encode("the quick ")  # 10 tokens

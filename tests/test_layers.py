@@ -160,6 +160,25 @@ def test_kv_cache_reorder_keeps_the_chosen_rows_in_place_or_in_new_buffers():
     assert cache.k.shape == (1, 2, 5, 5) and torch.equal(cache.k[0, :, :4], k[2])
 
 
+def test_a_kv_cache_made_with_its_capacity_fills_one_buffer_and_one_without_grows():
+    from qkv.layers.attention import KVCache
+    k = torch.randn(2, 3, 80, 4)
+    sized, grown = KVCache(capacity=90), KVCache()
+    for cache in (sized, grown):
+        cache.append(k[:, :, :30], -k[:, :, :30])  # a prompt, then one position at a time
+    buffer = sized._k
+    assert buffer is not None and buffer.shape[-2] == 90
+    for t in range(30, 80):
+        for cache in (sized, grown):
+            keys, values = cache.append(k[:, :, t:t + 1], -k[:, :, t:t + 1])
+            assert torch.equal(keys, k[:, :, :t + 1]) and torch.equal(values, -k[:, :, :t + 1])
+    assert sized._k is buffer  # never reallocated
+    assert grown._k is not None and grown._k.shape[-2] == 130  # 64, then twice 65
+    small = KVCache(capacity=4)  # a capacity below the first input still holds all of it
+    assert torch.equal(small.append(k, k)[0], k) and small._k is not None
+    assert small._k.shape[-2] == 80
+
+
 def test_dropout_zeroes_a_fraction_p_scales_the_rest_and_does_nothing_in_eval():
     from qkv.layers import Dropout
 

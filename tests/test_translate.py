@@ -16,7 +16,9 @@ from qkv.presets import get as get_preset
 from qkv.seq2seq import LENGTH_SLACK, _beam_search, _greedy, generate_seq2seq
 from qkv.tasks.translate import (
     Snapshots,
+    TranslateSettings,
     average_state_dicts,
+    build_translator,
     bleu_scores,
     label_smoothed_loss,
     load_translator,
@@ -235,6 +237,22 @@ def test_translate_refuses_a_decoder_only_model(tmp_path, capsys):
     assert main(["translate", str(tmp_path / "gpt"), "hello"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "encoder-decoder" in err[0]
+
+
+def test_the_norm_placement_setting_builds_post_norm_blocks_and_refuses_others(capsys):
+    from qkv.errors import ConfigError
+    post = build_translator(TranslateSettings(data="x", norm_placement="post"), 100, 0, 1, 2)
+    assert post.config.norm_placement == "post" and post.config.d_model == 256
+    blocks = [m for m in post.modules() if hasattr(m, "pre_norm")]
+    assert len(blocks) == 6 and not any(b.pre_norm for b in blocks)  # 3 + 3 post-norm blocks
+    pre = build_translator(TranslateSettings(data="x"), 100, 0, 1, 2)
+    assert pre.config.norm_placement == "pre"  # the preset's
+    with pytest.raises(ConfigError, match="norm_placement='mid' is not pre or post"):
+        TranslateSettings(data="x", norm_placement="mid").check()
+    with pytest.raises(SystemExit) as exit_:  # argparse: one line on stderr, status 2
+        main(["train", "--family", "encoder-decoder", "--data", "x", "--src", "de",
+              "--tgt", "en", "--norm-placement", "mid"])
+    assert exit_.value.code == 2 and "invalid choice: 'mid'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- a tiny run end to end

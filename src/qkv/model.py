@@ -351,9 +351,10 @@ class Transformer(nn.Module):
                                                      self.training))
 
     # ------------------------------------------------------------------ helpers
-    def new_cache(self) -> DecoderCache:
-        """An empty KV cache for incremental decoding (next_token_logits)."""
-        return DecoderCache(self.config.n_decoder_layers)
+    def new_cache(self, capacity: int | None = None) -> DecoderCache:
+        """An empty KV cache for incremental decoding (next_token_logits). capacity: how many
+        positions it will hold, when known (the buffers are then allocated once)."""
+        return DecoderCache(self.config.n_decoder_layers, capacity)
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (a tied matrix counts once)."""

@@ -161,8 +161,8 @@ SHARED = ("data", "preset", "n_layers", "d_model", "n_heads", "context", "dropou
           "device", "precision", "compile", "seed", "threads", "eval_every", "log_every",
           "vocab_size", "family")
 #: What a translator given by --init fixes: a run that starts from it cannot change these.
-FIXED_BY_INIT = ("preset", "n_layers", "d_model", "n_heads", "dropout", "vocab_size",
-                 "rnn_cell", "attention", "d_hidden", "reverse_source")
+FIXED_BY_INIT = ("preset", "n_layers", "d_model", "n_heads", "norm_placement", "dropout",
+                 "vocab_size", "rnn_cell", "attention", "d_hidden", "reverse_source")
 #: `qkv train` flags that a translation run does not use.
 UNUSED = ("tokenizer", "val_fraction", "cache_dir", "eval_windows", "sample_tokens", "prompt",
           "batch_size")
@@ -177,6 +177,9 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=positive_int, metavar="N",
                    help="tokens per batch, padding included (default 4096)")
     g.add_argument("--label-smoothing", type=float, metavar="EPS", help="default 0.1")
+    g.add_argument("--norm-placement", choices=("pre", "post"),
+                   help="layer norm before each sublayer (pre, the preset's: trains with a "
+                   "short warm-up) or after the residual sum (post, as in Vaswani et al.)")
     g.add_argument("--decay", choices=("inverse_sqrt", "cosine"),
                    help="learning-rate decay after the warm-up (default inverse_sqrt)")
     g.add_argument("--average-last", type=int, metavar="K",

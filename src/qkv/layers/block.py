@@ -95,8 +95,10 @@ class DecoderBlock(_Residual):
 class DecoderCache:
     """The decoder's KV caches: one (self-attention, cross-attention) pair per block."""
 
-    def __init__(self, n_layers: int):
-        self.layers = [(KVCache(), KVCache()) for _ in range(n_layers)]
+    def __init__(self, n_layers: int, capacity: int | None = None):
+        """capacity: the positions the self-attention caches will hold (the prompt and every
+        new token), when known: their buffers are made that size once. None: they grow."""
+        self.layers = [(KVCache(capacity), KVCache()) for _ in range(n_layers)]
 
     def __len__(self) -> int:  # how many positions are cached
         return len(self.layers[0][0]) if self.layers else 0

@@ -286,6 +286,7 @@ class TranslateSettings:
     n_layers: int | None = None
     d_model: int | None = None
     n_heads: int | None = None
+    norm_placement: str | None = None  # "pre" or "post" (the original paper's); None: preset's
     rnn_cell: str = "gru"           # rnn: "lstm" or "gru"
     attention: bool = True          # rnn: Bahdanau attention (False: Sutskever's bottleneck)
     reverse_source: bool = False    # rnn without attention: read the source backwards
@@ -338,6 +339,8 @@ class TranslateSettings:
             raise ConfigError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
         if self.src == self.tgt:
             raise ConfigError(f"--src and --tgt are both {self.src!r}")
+        if self.norm_placement not in (None, "pre", "post"):
+            raise ConfigError(f"norm_placement={self.norm_placement!r} is not pre or post")
         if self.best not in ("loss", "bleu"):
             raise ConfigError(f"best={self.best!r} is not loss or bleu")
         if self.best == "bleu" and self.bleu_sentences < 1:
@@ -393,6 +396,7 @@ def build_translator(s: TranslateSettings, vocab_size: int, pad: int, bos: int,
     overrides: dict[str, Any] = {k: v for k, v in (("n_layers", s.n_layers),
                                                     ("d_model", s.d_model),
                                                     ("n_heads", s.n_heads),
+                                                    ("norm_placement", s.norm_placement),
                                                     ("dropout", s.dropout)) if v is not None}
     cfg = get_preset(s.preset, **overrides)
     if cfg.family != "encoder-decoder":
