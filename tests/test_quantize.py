@@ -109,10 +109,17 @@ def test_generate_with_int8_weights_from_the_command_line(tmp_path, capsys):
     assert out.startswith("abc") and len(out) > 3
 
 
-def test_int8_rows_gives_each_row_the_same_bits_whatever_its_neighbours():
+ROWS_KERNELS = [k for k, ok in (("int_mm", hasattr(torch, "_int_mm")),
+                                 ("fbgemm", fbgemm_available())) if ok]
+
+
+@pytest.mark.parametrize("kernel", ROWS_KERNELS)
+def test_int8_rows_gives_each_row_the_same_bits_whatever_its_neighbours(kernel, monkeypatch):
     """"int8-rows": each input row on its own range and exact integer sums, so a row's output
     does not depend on the batch (FBGEMM's "int8" shares one range: a loud neighbour changes a
-    quiet row's numbers), and it is as close to the float layer as FBGEMM's path."""
+    quiet row's numbers), and it is as close to the float layer as FBGEMM's path. Both kernels
+    (torch._int_mm, FBGEMM with the two pinning rows) give it."""
+    monkeypatch.setattr(qkv.quantize, "ROWS_KERNEL", kernel)
     torch.manual_seed(0)
     layer = torch.nn.Linear(96, 80)
     rows = Int8Linear.from_linear(layer, activations="int8-rows")
@@ -129,6 +136,24 @@ def test_int8_rows_gives_each_row_the_same_bits_whatever_its_neighbours():
     if fbgemm_available():  # the control: the shared range does mix rows
         dynamic = Int8Linear.from_linear(layer, activations="int8")
         assert not torch.equal(dynamic(quiet)[0], dynamic(x[:1])[0])
+
+
+def test_the_two_int8_rows_kernels_sum_the_same_integers():
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(200, 64)
+    rows = Int8Linear.from_linear(layer, activations="int8-rows")
+    x = torch.randn(5, 200) * torch.tensor([[1.0], [30.0], [0.01], [1.0], [4.0]])
+    out = {}
+    for kernel in ROWS_KERNELS:
+        qkv.quantize.ROWS_KERNEL, saved = kernel, qkv.quantize.ROWS_KERNEL
+        try:
+            out[kernel] = rows(x)
+        finally:
+            qkv.quantize.ROWS_KERNEL = saved
+    first, *others = out.values()
+    for other in others:  # the same integer sums; only the float rescaling's rounding differs
+        torch.testing.assert_close(other, first, rtol=1e-5, atol=1e-5)
+    assert len(ROWS_KERNELS) == 2  # this CPU has both
 
 
 def test_int8_rows_model_decodes_like_fp32():

@@ -89,6 +89,10 @@ def fbgemm_available() -> bool:
         torch.ops.quantized, "linear_dynamic")
 
 
+#: The kernel of "int8-rows": torch._int_mm where PyTorch has it, else FBGEMM ("" if neither).
+ROWS_KERNEL = "int_mm" if _HAS_INT_MM else "fbgemm" if fbgemm_available() else ""
+
+
 class Int8Linear(nn.Module):
     """A linear layer whose weight is stored as int8 with one fp32 scale per output row."""
 
@@ -141,13 +145,18 @@ class Int8Linear(nn.Module):
         docstring): exact integer sums, so each output row depends on its input row only."""
         flat = x.reshape(-1, self.in_features).float()  # (rows, in)
         lo, hi = torch.aminmax(flat, dim=1, keepdim=True)  # (rows, 1) each
-        lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # 0 stays exact
-        step = ((hi - lo) / 255).clamp(min=1e-12)  # (rows, 1)
-        zero = torch.round(lo / step) + 128  # x ~ step * (q + zero), q in [-128, 127]
-        q = torch.round(flat / step).sub_(zero).clamp_(-128, 127)  # (rows, in) whole numbers
+        lo, hi = lo.clamp_(max=0), hi.clamp_(min=0)  # 0 stays exact
+        step = (hi - lo).div_(255).clamp_(min=1e-12)  # (rows, 1)
+        zero = (lo / step).round_().add_(128)  # x ~ step * (q + zero), q in [-128, 127]
+        q = (flat / step).round_().sub_(zero).clamp_(-128, 127)  # (rows, in) whole numbers
         if self._row_sums is None:
             self._row_sums = self.qweight.sum(dim=1, dtype=torch.int32)  # (out,) sum_k Q_jk
-        if fbgemm_available():
+        if ROWS_KERNEL == "int_mm":
+            # PyTorch's int8 x int8 -> int32 product (oneDNN's AMX/VNNI kernel on x86), then
+            # the zero point's term, still in exact integers.
+            acc = _torch_private._int_mm(q.to(torch.int8), self.qweight.t())  # (rows, out)
+            y = acc.addcmul_(zero.to(torch.int32), self._row_sums).float().mul_(step)
+        else:
             # FBGEMM rounds its input on one range for the whole batch; two more rows, all
             # -128 and all 127, pin that range to the integer grid whatever the other rows
             # hold, so q passes unchanged and each row gets FBGEMM's exact int32 sums, times
@@ -157,17 +166,15 @@ class Int8Linear(nn.Module):
             out = torch.ops.quantized.linear_dynamic(torch.cat((q, self._grid)),
                                                      self._fbgemm(bias=False), False)[:-2]
             y = out.addcmul_(zero, self._row_sums * self.scale).mul_(step)  # (rows, out)
-        else:  # PyTorch's int8 x int8 -> int32 product
-            acc = _torch_private._int_mm(q.to(torch.int8), self.qweight.t())  # (rows, out) int32
-            acc = acc.addcmul_(zero.to(torch.int32), self._row_sums)  # + zero * sum_k Q_jk
-            y = acc.float().mul_(step).mul_(self.scale)  # (rows, out)
-        if self.bias is not None:
+        if ROWS_KERNEL == "int_mm":  # y * scale[j] + b[j] in one pass
+            y = torch.addcmul(self.bias, y, self.scale) if self.bias is not None else \
+                y.mul_(self.scale)
+        elif self.bias is not None:
             y = y.add_(self.bias)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activations == "int8-rows" and x.device.type == "cpu" and (
-                fbgemm_available() or _HAS_INT_MM):
+        if self.activations == "int8-rows" and x.device.type == "cpu" and ROWS_KERNEL:
             return self._int8_rows(x)
         if self.activations == "int8" and x.device.type == "cpu" and fbgemm_available():
             flat = x.reshape(-1, self.in_features).float()
