@@ -85,9 +85,16 @@ def test_a_quantized_model_keeps_its_predictions(activations):
 def test_fbgemm_is_used_on_x86():
     # On x86 (this project's CI machine) the fast kernels must really be there and be used.
     assert fbgemm_available()
-    layer = Int8Linear(torch.randn(16, 32), activations="int8")
-    layer(torch.randn(2, 32))
-    assert layer._packed is not None  # the FBGEMM path ran, not the dequantizing fallback
+    layer = Int8Linear(torch.randn(16, 32), torch.randn(16), activations="int8")
+    x = torch.randn(8, 32)
+    few = layer(x[:2])
+    assert list(layer._packs) == [("fbgemm", True)]  # FBGEMM ran, not the dequantizing path
+    many = layer(x)  # from ONEDNN_FROM_ROWS rows on: oneDNN's kernel, its own packed copy
+    assert ("onednn", True) in layer._packs and qkv.quantize.ONEDNN_FROM_ROWS <= 8
+    exact = x @ layer.dequantized().T + layer.bias
+    for out, ref in ((few, exact[:2]), (many, exact)):  # both round the input to 8 bits
+        assert relative_error(out, ref) < 0.02
+    assert torch.backends.quantized.engine == "x86"  # packing for oneDNN left it as it was
 
 
 def test_a_quantized_model_cannot_be_saved(tmp_path):

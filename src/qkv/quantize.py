@@ -89,6 +89,18 @@ def fbgemm_available() -> bool:
         torch.ops.quantized, "linear_dynamic")
 
 
+@functools.cache
+def onednn_available() -> bool:
+    """Whether PyTorch's int8 engine "onednn" is built in."""
+    return "onednn" in torch.backends.quantized.supported_engines
+
+
+#: From this many input rows on, "int8" runs on oneDNN's int8 kernel instead of FBGEMM's:
+#: measured in a GPT-2 124M model (1 thread), FBGEMM is faster for 1-3 rows (15.2 against
+#: 18.4 ms a step at 1 row), oneDNN from 4 (25.5 against 28.5 ms at 8 rows; a prompt of 8 x 32
+#: tokens 84 against 155 ms).
+ONEDNN_FROM_ROWS = 4
+
 #: The kernel of "int8-rows": FBGEMM where PyTorch has it, else torch._int_mm ("" if neither).
 #: FBGEMM is the faster of the two in a GPT-2 124M step (1 thread, beside another process:
 #: 27 against 36 ms for one sequence, 43 against 49 ms for eight; docs/performance.md).
@@ -112,10 +124,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.activations = activations
-        self._packed = None  # FBGEMM's pre-arranged copy of the weight, made on first use
+        # The kernels' pre-arranged copies of the weight, made on first use (see _prepacked)
+        self._packs: dict[tuple[str, bool], object] = {}
         self._scale_bf16: torch.Tensor | None = None
         self._row_sums: torch.Tensor | None = None  # (out,) int32 sum_k Q_jk, for "int8-rows"
-        self._packed_no_bias = None
         self._grid: torch.Tensor | None = None  # (2, in): rows of -128 and 127 (see _int8_rows)
 
     @classmethod
@@ -126,20 +138,24 @@ class Int8Linear(nn.Module):
         """The weight as floats again: (out, in)."""
         return self.qweight.to(dtype) * self.scale[:, None].to(dtype)
 
-    def _fbgemm(self, bias: bool = True) -> object:
-        """FBGEMM's pre-arranged weight, with the bias or (for "int8-rows") without."""
-        packed = self._packed if bias else self._packed_no_bias
+    def _prepacked(self, engine: str = "fbgemm", bias: bool = True) -> object:
+        """The weight pre-arranged for one of PyTorch's int8 engines ("fbgemm" or "onednn"),
+        with the bias or (for "int8-rows") without. The engine is the one set while packing;
+        the product then runs that engine's kernel whatever the global setting."""
+        packed = self._packs.get((engine, bias))
         if packed is None:
+            global_engine = torch.backends.quantized.engine
             with warnings.catch_warnings():  # quantized-tensor constructors warn of their future
                 warnings.simplefilter("ignore")
                 qw = _torch_private._make_per_channel_quantized_tensor(
                     self.qweight, self.scale.double(),
                     torch.zeros(self.out_features, dtype=torch.long), 0)
-                packed = torch.ops.quantized.linear_prepack(qw, self.bias if bias else None)
-            if bias:
-                self._packed = packed
-            else:
-                self._packed_no_bias = packed
+                try:
+                    torch.backends.quantized.engine = engine
+                    packed = torch.ops.quantized.linear_prepack(qw, self.bias if bias else None)
+                finally:
+                    torch.backends.quantized.engine = global_engine
+            self._packs[(engine, bias)] = packed
         return packed
 
     def _int8_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,8 +181,9 @@ class Int8Linear(nn.Module):
             # scale[j] (no bias: it is added after the row's step).
             if self._grid is None:
                 self._grid = torch.tensor([[-128.0], [127.0]]).expand(2, self.in_features)
-            out = torch.ops.quantized.linear_dynamic(torch.cat((q, self._grid)),
-                                                     self._fbgemm(bias=False), False)[:-2]
+            packed = self._prepacked("fbgemm", bias=False)
+            out = torch.ops.quantized.linear_dynamic(torch.cat((q, self._grid)), packed,
+                                                     False)[:-2]
             y = out.addcmul_(zero, self._row_sums * self.scale).mul_(step)  # (rows, out)
         if ROWS_KERNEL == "int_mm":  # y * scale[j] + b[j] in one pass
             y = torch.addcmul(self.bias, y, self.scale) if self.bias is not None else \
@@ -180,9 +197,13 @@ class Int8Linear(nn.Module):
             return self._int8_rows(x)
         if self.activations == "int8" and x.device.type == "cpu" and fbgemm_available():
             flat = x.reshape(-1, self.in_features).float()
+            # FBGEMM for a few rows (decoding); oneDNN's kernel (AMX on this CPU) from
+            # ONEDNN_FROM_ROWS rows on (a prompt, a batch), at the price of a second copy.
+            engine = "onednn" if flat.shape[0] >= ONEDNN_FROM_ROWS and onednn_available() \
+                else "fbgemm"
             # reduce_range=False: the full 8 bits for the input; the int32 sums of VNNI/AMX
             # (and FBGEMM's 16-bit-safe path on older CPUs) keep the products exact.
-            y = torch.ops.quantized.linear_dynamic(flat, self._fbgemm(), False)
+            y = torch.ops.quantized.linear_dynamic(flat, self._prepacked(engine), False)
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _HAS_INT8PACK:
