@@ -251,7 +251,10 @@ class Engine:
         seq.row = TextRow(self.tokenizer, s.stop, self.tokenizer.eos_id)
         if s.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(s.seed)
-        seq.cache = model.new_cache()
+        # room for the prompt and every token the request may add: never reallocated (the
+        # pages a sequence does not reach are never touched, so they cost no memory)
+        seq.cache = model.new_cache(min(model.config.max_seq_len,
+                                        len(seq.prompt_ids) + s.max_tokens))
         ids = torch.tensor([seq.prompt_ids], device=self.device)  # (1, T)
         self._choose(seq, model.next_token_logits(ids, seq.cache))  # (1, V)
         self.running.append(seq)
