@@ -18,7 +18,10 @@ How y = x @ W.T + b is computed. Two ways, chosen by `activations`:
 - "int8" (dynamic quantization, the default on x86 CPUs): the input vector is also turned into
   8-bit integers at every call, with its own range; FBGEMM, PyTorch's x86 integer kernels, then
   multiplies int8 by int8 with int32 sums and rescales to fp32. Fastest: the weights are read
-  once, as bytes, by kernels that keep up with the memory.
+  once, as bytes, by kernels that keep up with the memory. From ONEDNN_FROM_ROWS input rows on
+  (a prompt, a batch of sequences) the same product runs on oneDNN's int8 kernel (PyTorch's
+  other x86 int8 engine, which uses AMX where the CPU has it), faster there than FBGEMM's; it
+  keeps its own pre-arranged copy of the weight, made the first time such an input comes.
 - "float" (weight-only): the input stays in floating point and the int8 weight is scaled back to
   floats for the product. More exact (only the weights are rounded), slower where no fused
   kernel exists; used on GPUs and wherever FBGEMM is missing.
