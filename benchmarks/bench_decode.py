@@ -7,7 +7,8 @@ they take 8 prompts of 28 to 32 tokens, left-padded into one batch (the padding 
 produce 128 new tokens for each: the aggregate tokens/s counts all 8 rows.
 
   qkv   `qkv.generate.decode_tokens` with the weights in int8 (`qkv.quantize_int8`, FBGEMM
-        kernels: what `qkv generate --dtype int8` does), int8 with each input row rounded on
+        kernels, oneDNN's from 4 rows on, the prompt and batch 8: what `qkv generate --dtype
+        int8` does), int8 with each input row rounded on
         its own range ("int8-rows": what `qkv serve` runs), int8 weight-only, bf16 and fp32;
   HF    `model.generate(..., do_sample=False)` in fp32; in fp32 under
         `torch.autocast("cpu", dtype=torch.bfloat16)`; and with the weights cast to bf16

@@ -13,7 +13,8 @@ multiplies all of them by 1 and by 8 rows, the way each contender does it:
                      run)
   torch.mv           the matrix-vector kernel (1 row only), qkv's bf16 decoding path before
                      the packed one
-  int8 (qkv)         `qkv.quantize.Int8Linear`, FBGEMM, inputs rounded on one range per batch
+  int8 (qkv)         `qkv.quantize.Int8Linear`, inputs rounded on one range per batch: FBGEMM
+                     at 1 row, oneDNN's int8 kernel at 8 (`quantize.ONEDNN_FROM_ROWS`)
   int8-rows (qkv)    the same with each input row rounded on its own range (`qkv serve --dtype
                      int8`)
 
