@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from ..hardware import explicit_attention
 from .position import apply_rotary
 
 
@@ -55,21 +54,16 @@ def attention(
     kernels); the explicit path computes the same numbers step by step and also returns the
     attention weights, for learning and for visualisation.
     """
-    explicit = return_weights or explicit_attention()  # (training short bf16 sequences)
-    k, v, mask, causal = _expand(q, k, v, mask, causal, explicit=explicit)
-    if not explicit:
+    k, v, mask, causal = _expand(q, k, v, mask, causal, explicit=return_weights)
+    if not return_weights:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale
         )
         return out, None
 
-    # A query that may see no key (padding in a packed batch) gets even weights instead of
-    # NaN when training: its output is never used, and a NaN would spread through the
-    # products of the next layer. Recorded maps keep -inf, which shows what was hidden.
-    hidden = float("-inf") if return_weights else torch.finfo(torch.float32).min
-    weights = _explicit(q, k, mask, scale, hidden)["weights"]
+    weights = _explicit(q, k, mask, scale)["weights"]
     dropped = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
-    return dropped @ v, (weights if return_weights else None)  # (B, H, Tq, D)
+    return dropped @ v, weights  # (B, H, Tq, D)
 
 
 def attention_stages(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -102,16 +96,13 @@ def _expand(q, k, v, mask, causal, explicit: bool):
     return k, v, mask, causal
 
 
-def _explicit(q, k, mask, scale, hidden: float = float("-inf")) -> dict[str, torch.Tensor]:
-    """softmax(q k^T * scale), step by step; every step is kept (see attention_stages). The
-    scores are fp32 whatever the inputs' precision (bf16 would round a score of 8 by up to
-    1/32, and the softmax would carry that into the weights); a hidden key scores `hidden`."""
+def _explicit(q, k, mask, scale) -> dict[str, torch.Tensor]:
+    """softmax(q k^T * scale), step by step; every step is kept (see attention_stages)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    with torch.autocast(q.device.type, enabled=False):  # autocast would make them bf16 again
-        scores = q.float() @ k.float().transpose(-2, -1)  # (B, H, Tq, Tk)
-        scaled = scores * scale
-        masked = scaled if mask is None else scaled.masked_fill(~mask, hidden)
-        weights = masked.softmax(dim=-1).to(q.dtype)  # each row sums to 1
+    scores = (q @ k.transpose(-2, -1)).float()  # (B, H, Tq, Tk)
+    scaled = scores * scale
+    masked = scaled if mask is None else scaled.masked_fill(~mask, float("-inf"))
+    weights = masked.softmax(dim=-1).to(q.dtype)  # each row sums to 1
     return {"scores": scores, "scaled": scaled, "masked": masked, "weights": weights}
 
 
