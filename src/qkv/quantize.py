@@ -101,7 +101,7 @@ def onednn_available() -> bool:
 #: From this many input rows on, "int8" runs on oneDNN's int8 kernel instead of FBGEMM's:
 #: measured in a GPT-2 124M model (1 thread), FBGEMM is faster for 1-3 rows (15.2 against
 #: 18.4 ms a step at 1 row), oneDNN from 4 (25.5 against 28.5 ms at 8 rows; a prompt of 8 x 32
-#: tokens 84 against 155 ms).
+#: tokens 84 against 155 ms); at 2 threads, 16.2 against 16.8 ms and 50 against 85 ms.
 ONEDNN_FROM_ROWS = 4
 
 #: The kernel of "int8-rows": FBGEMM where PyTorch has it, else torch._int_mm ("" if neither).
@@ -177,6 +177,9 @@ class Int8Linear(nn.Module):
             # the zero point's term, still in exact integers.
             acc = _torch_private._int_mm(q.to(torch.int8), self.qweight.t())  # (rows, out)
             y = acc.addcmul_(zero.to(torch.int32), self._row_sums).float().mul_(step)
+            # y * scale[j] + b[j] in one pass
+            y = y.mul_(self.scale) if self.bias is None else torch.addcmul(self.bias, y,
+                                                                            self.scale)
         else:
             # FBGEMM rounds its input on one range for the whole batch; two more rows, all
             # -128 and all 127, pin that range to the integer grid whatever the other rows
@@ -188,11 +191,8 @@ class Int8Linear(nn.Module):
             out = torch.ops.quantized.linear_dynamic(torch.cat((q, self._grid)), packed,
                                                      False)[:-2]
             y = out.addcmul_(zero, self._row_sums * self.scale).mul_(step)  # (rows, out)
-        if ROWS_KERNEL == "int_mm":  # y * scale[j] + b[j] in one pass
-            y = torch.addcmul(self.bias, y, self.scale) if self.bias is not None else \
-                y.mul_(self.scale)
-        elif self.bias is not None:
-            y = y.add_(self.bias)
+            if self.bias is not None:
+                y = y.add_(self.bias)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -357,7 +357,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
 def release_free_memory() -> None:
     """Return the C heap's free pages to the system (glibc's malloc_trim; a no-op elsewhere).
 
-    Every sequence's KV cache grows by reallocation and is freed when the sequence ends. glibc
+    Every sequence's KV cache is allocated at its prefill and freed when it ends. glibc
     serves such blocks from its heaps once a block of that size has been freed (its mmap
     threshold rises to it), and keeps the freed pages, so a server's resident memory creeps up
     from one burst of requests to the next. Doing this when the engine goes idle keeps it
