@@ -8,6 +8,10 @@ harness, on one metric.
     python benchmarks/bench_translate.py --quick               a smoke run: tiny budgets, subsets
     python benchmarks/bench_translate.py --only en-de --set norm_placement=post --runs runs/t1
                                                                a recipe trial (any setting)
+    python benchmarks/bench_translate.py --only en-de --members 2 --threads 2
+                                   two models trained side by side (one thread each), then
+                                   their ensemble decodes (qkv.ensemble); each member's score
+                                   is printed beside it
 
 Every run trains with qkv's own recipe (qkv.tasks.translate.train_translation: the one loop,
 the joint BPE, label smoothing, token-budget batches), keeps the best checkpoint by validation
@@ -28,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -45,6 +51,7 @@ from qkv.tasks.translate import (
     bleu_scores,
     build_translator,
     load_translator,
+    load_translators,
     train_translation,
     translate,
     translation_loss,
@@ -121,20 +128,71 @@ def run_one(name: str, budget: float, runs: Path, quick: bool, n_threads: int,
                 "train_pairs": result.train_pairs, "averaged": result.averaged,
                 "val": result.final}
         model, tok = result.model, result.tokenizer
+    return {"run": name, **info, "target_bleu_lowercase": target, "anchor": anchor,
+            **test_scores(model, tok, name, quick, test_sentences, beam, s.max_length_ratio,
+                          runs / name / "test.hyp"),
+            "params": model.num_parameters()}
+
+
+def test_scores(model: Any, tok: Any, name: str, quick: bool, test_sentences: int | None,
+                beam: int, max_length_ratio: float, hyp_out: Path) -> dict[str, Any]:
+    """Decode the test set greedy and with `beam` (timed), score both, write the beam's
+    translations to hyp_out."""
     sources, refs = test_set(name, quick, test_sentences)
     timing: dict[str, float] = {}
     outputs: dict[int, list[str]] = {}
     for k in sorted({1, beam}):
         t0 = time.perf_counter()
         outputs[k] = translate(model, tok, sources, beam_size=k,
-                               max_length_ratio=s.max_length_ratio, precision="fp32")
+                               max_length_ratio=max_length_ratio, precision="fp32")
         timing[f"decode_beam{k}_s"] = round(time.perf_counter() - t0, 2)
     scores = {k: bleu_scores(hyps, refs) for k, hyps in outputs.items()}
-    (runs / name / "test.hyp").write_text("".join(h + "\n" for h in outputs[beam]))
-    return {"run": name, **info, "target_bleu_lowercase": target, "anchor": anchor,
-            "sentences": len(sources), **timing,
-            **{f"beam{k}": {key: v for key, v in sc.items()} for k, sc in scores.items()},
-            "params": model.num_parameters()}
+    hyp_out.write_text("".join(h + "\n" for h in outputs[beam]))
+    return {"sentences": len(sources), **timing,
+            **{f"beam{k}": dict(sc) for k, sc in scores.items()}}
+
+
+def run_members(name: str, k: int, args: argparse.Namespace, n_threads: int,
+                changes: dict[str, Any]) -> dict[str, Any]:
+    """An ensemble of k models of run `name`: each trained at the same time in its own process
+    of this script (seed base + i, n_threads // k threads, the same budget), in
+    --runs/member-i; then the k decode the test set together (qkv.ensemble: their next-token
+    probabilities averaged). The wall time is one run's: the k train side by side."""
+    per = max(1, n_threads // k)
+    base_seed = int(changes.get("seed", 0))
+    forwarded = [f"--set={key}={json.dumps(v) if not isinstance(v, str) else v}"
+                 for key, v in changes.items() if key != "seed"]
+    for flag in ("time_budget", "warmup_steps", "eval_every", "test_sentences"):
+        if getattr(args, flag) is not None:
+            forwarded += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    forwarded += ["--beam", str(args.beam)] + (["--quick"] if args.quick else [])
+    dirs = [args.runs / f"member-{i}" for i in range(k)]
+    if not args.score_only:
+        procs = []
+        for i, out in enumerate(dirs):
+            out.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, "--threads",
+                   str(per), "--runs", str(out), "--json-out", str(out / "result.json"),
+                   f"--set=seed={base_seed + i}", *forwarded]
+            print("member", i, ":", " ".join(cmd), flush=True)
+            log = (args.runs / f"member-{i}.log").open("w")
+            procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        for i, (proc, log) in enumerate(procs):
+            code = proc.wait()
+            log.close()
+            if code != 0:
+                sys.exit(f"member {i} failed (exit {code}): see {args.runs}/member-{i}.log")
+    members = [json.loads((d / "result.json").read_text())[name] for d in dirs]
+    model, tok = load_translators([d / name for d in dirs])
+    set_threads(n_threads)
+    overrides, _, target, anchor = RUNS[name]
+    settings = TranslateSettings(**{"data": str(MULTI30K), **overrides, **changes})
+    return {"run": f"{name} x{k}", "members": members,
+            "steps": "+".join(str(m["steps"]) for m in members),
+            "train_s": max(m["train_s"] for m in members),
+            "target_bleu_lowercase": target, "anchor": f"{anchor}; an ensemble of {k}",
+            **test_scores(model, tok, name, args.quick, args.test_sentences, args.beam,
+                          settings.max_length_ratio, args.runs / f"{name}-ensemble.hyp")}
 
 
 def throughput(n_threads: int, rounds: int, quick: bool) -> dict[str, float]:
@@ -263,6 +321,10 @@ def main() -> None:
     p.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",
                    help="change one setting of the recipe (a TranslateSettings field), for a "
                    "trial: --set norm_placement=post --set lr=2e-3 (repeatable)")
+    p.add_argument("--members", type=int, default=1, metavar="K",
+                   help="train K models of each run at once, one process each (seeds 0..K-1, "
+                   "the threads shared out), and score their ensemble (qkv.ensemble); with "
+                   "--score-only, score the ensemble of --runs/member-*")
     p.add_argument("--threads", type=int)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of the throughput race")
     p.add_argument("--runs", type=Path, default=Path("runs/bench-translate"))
@@ -270,12 +332,20 @@ def main() -> None:
     p.add_argument("--figure", type=Path, help="save the alignment heatmaps here (PNG)")
     args = p.parse_args()
     changes = recipe_changes(p, args.changes)
+    if args.members < 1:
+        p.error(f"--members {args.members}: give at least 1")
     n = threads(args.threads)
     chosen = args.only or [*RUNS, "throughput"]
     results: dict[str, Any] = {"threads": n, "quick": args.quick}
     for name in chosen:
         if name == "throughput":
             results[name] = throughput(n, 2 if args.quick else args.rounds, args.quick)
+            continue
+        if args.members > 1:
+            results[name] = r = run_members(name, args.members, args, n, changes)
+            if changes:
+                r["changes"] = changes
+            print(json.dumps(r), flush=True)
             continue
         budget = 30.0 if args.quick else (args.time_budget or RUNS[name][1])
         results[name] = r = run_one(name, budget, args.runs, args.quick, n, args.beam,
@@ -290,8 +360,14 @@ def main() -> None:
             continue
         r = results[name]
         b = r[f"beam{args.beam}"]
-        rows[f"qkv {name}"] = b["bleu_lowercase"]
-        print(f"{name:>9}: BLEU {b['bleu']:.2f} cased, {b['bleu_lowercase']:.2f} lowercased, "
+        for i, m in enumerate(r.get("members", [])):
+            mb = m[f"beam{args.beam}"]
+            print(f"{name:>9}: member {i}: BLEU {mb['bleu']:.2f} cased, "
+                  f"{mb['bleu_lowercase']:.2f} lowercased (beam {args.beam}), {m['steps']} "
+                  f"steps in {m['train_s'] / 60:.1f} min")
+        rows[f"qkv {r['run']}"] = b["bleu_lowercase"]
+        label = f"{name} x{args.members}" if "members" in r else name
+        print(f"{label:>9}: BLEU {b['bleu']:.2f} cased, {b['bleu_lowercase']:.2f} lowercased, "
               f"chrF {b['chrf']:.1f} (beam {args.beam}); greedy BLEU "
               f"{r['beam1']['bleu']:.2f}; trained {r['train_s'] / 60:.1f} min, {r['steps']} "
               f"steps; decode {r['decode_beam1_s']} s greedy, "

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("qkv.config", "qkv.tokenizer", "qkv.vocabulary", "qkv.hub", "qkv.presets", "qkv.chat"),
     ("qkv.layers",),
     ("qkv.model", "qkv.quantize", "qkv.baselines"),
-    ("qkv.hf", "qkv.generate", "qkv.seq2seq"),
+    ("qkv.hf", "qkv.generate", "qkv.seq2seq", "qkv.ensemble"),
     ("qkv.lora",),
     ("qkv.checkpoint",),
     ("qkv.data",),

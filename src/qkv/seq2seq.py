@@ -22,6 +22,8 @@ recurrent state):
 
     encode(src, src_mask) -> memory (B, S, d)      new_cache() -> cache with reorder(index)
     next_token_logits(tokens (B, 1), cache, memory=..., src_mask=...) -> (B, vocab) fp32
+
+and so does qkv.ensemble.Ensemble, several translators averaging their predictions.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ import torch
 
 from .baselines import RNNTranslator
 from .batching import evaluating
+from .ensemble import Ensemble
 from .errors import InputError
 from .model import Transformer
 
-#: What decodes here: the Transformer, or a recurrent translator of qkv.baselines.
-Seq2Seq = Transformer | RNNTranslator
+#: What decodes here: the Transformer, a recurrent translator of qkv.baselines, or an ensemble
+#: of them (qkv.ensemble).
+Seq2Seq = Transformer | RNNTranslator | Ensemble
 
 #: Tokens a target may have beyond max_length_ratio x its source's length.
 LENGTH_SLACK = 10

@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.src or args.ref:  # a translator: BLEU
         return run_bleu(args)
+    if args.ensemble:
+        raise InputError("--ensemble applies to a translator's BLEU (--src FILE --ref FILE)")
     device = resolve_device(args.device)
     set_threads()  # one thread per idle CPU
     precision = resolve_precision(args.precision, device)

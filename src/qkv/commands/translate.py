@@ -20,7 +20,7 @@ from ..tasks.translate import (
     TranslateSettings,
     bleu_of_files,
     decoding_defaults,
-    load_translator,
+    load_translators,
     train_translation,
     translate,
 )
@@ -41,12 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
         "  qkv translate runs/de-en \"Ein Mann fährt Fahrrad.\"\n"
         "  qkv translate runs/de-en --file test.de --beam 5 > test.hyp\n"
-        "  echo \"Zwei Hunde spielen.\" | qkv translate runs/de-en --beam 1",
+        "  echo \"Zwei Hunde spielen.\" | qkv translate runs/de-en --beam 1\n"
+        "  qkv translate runs/en-de-a \"A dog runs.\" --ensemble runs/en-de-b   # two models",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("dir", help="model directory")
     p.add_argument("text", nargs="*", help="sentences to translate (default: --file or stdin)")
     p.add_argument("--file", metavar="FILE", help="a UTF-8 file, one sentence a line")
+    _ensemble_flag(p)
     _decoding_flags(p)
     p.set_defaults(func=run)
 
@@ -62,6 +64,13 @@ def _decoding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=device, default="cpu", metavar="DEVICE",
                    help="auto, cpu (default), cuda, cuda:N or mps")
     p.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp32"))
+
+
+def _ensemble_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--ensemble", action="append", default=[], metavar="DIR",
+                   help="decode with DIR's model too, averaging the models' next-token "
+                   "probabilities (repeatable; the models must share one tokenizer; decoding "
+                   "costs once per model)")
 
 
 def _decoding(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("no text to translate")
     dev = resolve_device(args.device)
     set_threads()
-    model, tokenizer = load_translator(args.dir, device=dev)
+    model, tokenizer = load_translators([args.dir, *args.ensemble], device=dev)
     precision = resolve_precision(args.precision, dev)
     keep = [i for i, t in enumerate(texts) if t]  # empty lines stay empty
     found = translate(model, tokenizer, [texts[i] for i in keep], batch_size=args.batch_size,
@@ -121,6 +130,7 @@ def add_bleu_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--src", metavar="FILE", help="source sentences, one a line: report BLEU")
     g.add_argument("--ref", metavar="FILE", help="their reference translations, line-aligned")
     g.add_argument("--hyp-out", metavar="FILE", help="also write the translations here")
+    _ensemble_flag(g)
     g.add_argument("--beam", type=positive_int, metavar="K",
                    help="beam size (default: the model's, else 5)")
     g.add_argument("--length-penalty", type=float, metavar="A")
@@ -134,7 +144,7 @@ def run_bleu(args: argparse.Namespace) -> int:
         raise InputError("BLEU needs both --src and --ref")
     dev = resolve_device(args.device)
     set_threads()
-    model, tokenizer = load_translator(args.dir, device=dev)
+    model, tokenizer = load_translators([args.dir, *args.ensemble], device=dev)
     precision = resolve_precision(args.precision, dev)
     start = time.perf_counter()
     scores, hyps = bleu_of_files(model, tokenizer, args.src, args.ref,

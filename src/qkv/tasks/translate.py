@@ -56,6 +56,7 @@ from ..data.parallel import (
     read_parallel,
     translation_ids,
 )
+from ..ensemble import Ensemble
 from ..errors import ConfigError, InputError
 from ..hardware import autocast, resolve_device, resolve_precision, set_threads
 from ..io import read_config_json, read_json_object, read_safetensors
@@ -80,6 +81,8 @@ DECODING = "translation.json"
 AVERAGING = "averaging"
 
 Translator = Transformer | RNNTranslator
+#: What translate() decodes with: a translator, or several as one (qkv.ensemble).
+Decoder = Translator | Ensemble
 
 
 # ---------------------------------------------------------------------- the loss
@@ -135,7 +138,7 @@ def source_ids(tokenizer: Any, texts: Sequence[str], max_len: int) -> list[list[
     return [[*row[:max_len - 1], eos] for row in rows]
 
 
-def translate(model: Translator, tokenizer: Any, texts: Sequence[str], beam_size: int = 5,
+def translate(model: Decoder, tokenizer: Any, texts: Sequence[str], beam_size: int = 5,
               length_penalty: float = 1.0, max_length_ratio: float | None = 1.5,
               batch_size: int = 64, max_new_tokens: int | None = None,
               precision: str = "fp32") -> list[str]:
@@ -208,6 +211,24 @@ def load_translator(path: str | Path, device: str | torch.device = "cpu"
         raise InputError(f"{path} is a {model.config.family} model; translation needs an "
                          "encoder-decoder")
     return model.to(device).eval(), tokenizer
+
+
+def load_translators(paths: Sequence[str | Path], device: str | torch.device = "cpu"
+                     ) -> tuple[Decoder, Tokenizer]:
+    """(model, tokenizer) from one directory, as load_translator; from several, an Ensemble
+    of them (qkv.ensemble), which must share one tokenizer: the same tokenizer.json."""
+    if not paths:
+        raise InputError("no model directory given")
+    loaded = [load_translator(p, device) for p in paths]
+    if len(loaded) == 1:
+        return loaded[0]
+    first = loaded[0][1].backend.to_str()
+    for path, (_, tok) in zip(paths[1:], loaded[1:], strict=True):
+        if tok.backend.to_str() != first:
+            raise InputError(f"{path} has another tokenizer than {paths[0]}: an ensemble's "
+                             "models must share one (train them on the same data and "
+                             "--vocab-size, or start them from one --init)")
+    return Ensemble([m for m, _ in loaded]).eval(), loaded[0][1]
 
 
 def decoding_defaults(path: str | Path) -> dict[str, Any]:
@@ -311,7 +332,8 @@ class TranslateSettings:
     best: str = "loss"              # pick the best checkpoint by "loss" or "bleu"
     average_last: int = 0           # average the weights of the last K evaluations
     val_pairs: int = 500            # held out from a single TSV without a validation split
-    max_train_pairs: int | None = None  # a random subset of the training pairs (quick runs)
+    max_train_pairs: int | None = None  # a random subset of the training pairs (quick runs;
+                                        # the same subset for every seed)
     beam_size: int = 5              # decoding defaults saved with the model
     length_penalty: float = 1.0
     max_length_ratio: float = 1.5
@@ -479,7 +501,9 @@ def train_translation(s: TranslateSettings, out: str | Path | None = None, resum
 
     train_data, val_data, val_from = read_splits(s)
     if s.max_train_pairs is not None and s.max_train_pairs < len(train_data):
-        chosen = random.Random(s.seed).sample(range(len(train_data)), s.max_train_pairs)
+        # the same subset whatever the seed, so that runs of different seeds share the data
+        # (and the tokenizer learned from it: an ensemble of them is possible)
+        chosen = random.Random(0).sample(range(len(train_data)), s.max_train_pairs)
         train_data = train_data.subset(sorted(chosen))
     start, tokenizer = starting_point(s, train_data, out if resume else None, device)
     context = s.context if start is None else min(s.context, start.config.max_seq_len)
@@ -579,7 +603,7 @@ def _decoding_json(s: TranslateSettings) -> str:
                        "max_length_ratio": s.max_length_ratio}, indent=2) + "\n"
 
 
-def bleu_of_files(model: Translator, tokenizer: Any, src_file: str | Path,
+def bleu_of_files(model: Decoder, tokenizer: Any, src_file: str | Path,
                   ref_file: str | Path, beam_size: int = 5, length_penalty: float = 1.0,
                   max_length_ratio: float | None = 1.5, batch_size: int = 64,
                   precision: str = "fp32") -> tuple[dict[str, Any], list[str]]:
