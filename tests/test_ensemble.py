@@ -149,6 +149,8 @@ def test_the_cli_translates_and_scores_with_an_ensemble_as_the_api_does(tmp_path
     assert isinstance(model, Ensemble) and len(model.members) == 2
     sentences = ["hund rot katze 7", "hund blau katze 12"]
     want = translate(model, tok, sentences, beam_size=3)
+    pipe = qkv.pipeline("translation", model=(model, tok))
+    assert [r["translation_text"] for r in pipe(sentences, beam_size=3)] == want
     assert main(["translate", str(a), *sentences, "--ensemble", str(b), "--beam", "3"]) == 0
     assert capsys.readouterr().out.splitlines() == want
 
