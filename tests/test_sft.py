@@ -229,16 +229,20 @@ def test_lora_in_bf16_holds_the_frozen_weights_in_bf16_and_saves_them_as_they_we
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seen: list[tuple[torch.dtype, torch.dtype]] = []
 
-    def look(record):  # during training: a frozen linear, and the (tied) embedding
+    assert model.lm_head.weight is model.token_embedding.weight  # tied
+
+    def look(record):  # during training: a frozen linear, the embedding, the output layer
         seen.append((model.decoder.layers[0].ffn.up.weight.dtype,
-                     model.token_embedding.weight.dtype))
+                     model.token_embedding.weight.dtype, model.lm_head.weight.dtype))
 
     examples = [_qa(q, a) for q, a in FACTS * 2]
     settings = SFTSettings(max_steps=3, batch_size=4, lr=1e-2, lora_rank=4, progress=False,
                            precision="bf16", eval_every=2)
     finetune_sft(model, tok, examples, examples[:4], settings, out=tmp_path / "run",
                  callback=look)
-    assert seen and all(s == (torch.bfloat16, torch.float32) for s in seen)
+    # the tied output layer reads its own bf16 copy while the embedding stays fp32 ...
+    assert seen and all(s == (torch.bfloat16, torch.float32, torch.bfloat16) for s in seen)
+    assert model.lm_head.weight is model.token_embedding.weight  # ... and is tied again after
     saved = read_safetensors(tmp_path / "run" / "training" / WEIGHTS)
     after = model.state_dict()
     for k, v in before.items():
@@ -246,6 +250,35 @@ def test_lora_in_bf16_holds_the_frozen_weights_in_bf16_and_saves_them_as_they_we
             assert after[k].dtype == torch.float32 and torch.equal(after[k], v), k
             if k in saved:
                 assert saved[k].dtype == torch.float32 and torch.equal(saved[k], v), k
+
+
+def test_held_frozen_weights_change_no_logit_and_the_tie_comes_back(tok):
+    """Holding LoRA's frozen base in bf16 (the tied output layer on its own bf16 copy) gives
+    the very logits autocast gives without it; restore_weights puts fp32 and the tie back."""
+    from qkv.hardware import autocast, hold_frozen_weights, restore_weights
+    from qkv.lora import apply_lora
+
+    model = _decoder(tok)
+    apply_lora(model, rank=4, targets="q,v")
+    with torch.no_grad():  # a LoRA update that is not zero, so that it counts too
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                p.normal_(0, 0.1)
+    ids = torch.tensor([tok.encode("Question: Capital of Peru?", add_special_tokens=False)])
+    cpu = torch.device("cpu")
+    with torch.no_grad(), autocast(cpu, "bf16"):
+        want = model(ids)
+    held = hold_frozen_weights(model, "bf16")
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.token_embedding.weight.dtype == torch.float32
+    assert model.lm_head.weight is not model.token_embedding.weight
+    with torch.no_grad(), autocast(cpu, "bf16"):
+        assert torch.equal(model(ids), want)
+    restore_weights(model, held)
+    assert model.lm_head.weight is model.token_embedding.weight
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad(), autocast(cpu, "bf16"):
+        assert torch.equal(model(ids), want)
 
 
 def test_sft_on_an_encoder_is_refused(tok, tmp_path, capsys):

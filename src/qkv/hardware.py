@@ -108,30 +108,44 @@ def hold_frozen_weights(model: torch.nn.Module, precision: str) -> dict[str, tor
 
     Autocast casts every weight to bf16 at each use and keeps the cast only for the weights
     that are trained; a frozen weight (the base under a LoRA update) is cast again at every
-    forward pass, 124M numbers for GPT-2 each time. Cast them once instead (in place). A
-    weight shared with an embedding (a tied output layer) stays fp32: its lookup feeds the
-    fp32 residual stream. Returns {name in the state dict: the original fp32 tensor}, for
+    forward pass, 124M numbers for GPT-2 each time. Cast them once instead (in place). A frozen
+    weight shared with an embedding (a tied output layer) stays fp32 for the embedding, whose
+    lookup feeds the fp32 residual stream; its linear layer gets its own bf16 copy (the same
+    numbers autocast would make), tied again by `restore_weights`. Returns {name in the state
+    dict: the original fp32 tensor (for a tied weight, the shared parameter itself)}, for
     saving and for `restore_weights`; {} unless `precision` is bf16."""
     if precision != "bf16":
         return {}
     embedded = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear)
                 for p in m.parameters(recurse=False)}
-    chosen = {id(m.weight) for m in model.modules()
+    frozen = [(name, m) for name, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
-              and m.weight.dtype == torch.float32 and id(m.weight) not in embedded}
-    held = {name: p.data for name, p in model.named_parameters(remove_duplicate=False)
-            if id(p) in chosen}  # every name of a shared weight
+              and m.weight.dtype == torch.float32]
+    chosen = {id(m.weight) for _, m in frozen if id(m.weight) not in embedded}
+    held: dict[str, torch.Tensor] = {
+        name: p.data for name, p in model.named_parameters(remove_duplicate=False)
+        if id(p) in chosen}  # every name of a shared weight
     for p in model.parameters():  # each weight once
         if id(p) in chosen:
             p.data = p.data.to(torch.bfloat16)
+    for name, m in frozen:  # a tied output layer: its own bf16 copy, the embedding keeps fp32
+        if id(m.weight) in embedded:
+            held[f"{name}.weight" if name else "weight"] = m.weight
+            m.weight = torch.nn.Parameter(m.weight.detach().to(torch.bfloat16),
+                                          requires_grad=False)
     return held
 
 
 def restore_weights(model: torch.nn.Module, held: dict[str, torch.Tensor]) -> None:
-    """Put back the tensors `hold_frozen_weights` replaced."""
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if name in held:
-            p.data = held[name]
+    """Put back the tensors `hold_frozen_weights` replaced, and tie again what it untied."""
+    for module_name, m in model.named_modules():
+        for pname, p in list(m.named_parameters(recurse=False)):
+            name = f"{module_name}.{pname}" if module_name else pname
+            original = held.get(name)
+            if isinstance(original, torch.nn.Parameter) and original is not p:
+                setattr(m, pname, original)  # the shared parameter, tied again
+            elif original is not None:
+                p.data = original
 
 
 #: Sequences at least this long train their bf16 attention with PyTorch's fused kernel on a CPU.
