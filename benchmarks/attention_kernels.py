@@ -1,6 +1,6 @@
 """Where PyTorch's fused (flash) attention starts beating the plain "math" kernel when training
 in bf16 on this CPU: forward + backward of causal attention, both kernels timed alternately,
-over a range of sequence lengths. `qkv.hardware.FUSED_ATTENTION_FROM` is set from this table.
+over a range of sequence lengths: the check for `qkv.hardware.FUSED_ATTENTION_FROM`.
 
     python benchmarks/attention_kernels.py                      # batch 8, 12 heads, d_head 64
     python benchmarks/attention_kernels.py --lengths 64 128 256 --heads 4 --d-head 32
