@@ -23,9 +23,13 @@ same bits (`width_from`). A step then has max(running sequences, width_from) row
 after the live ones filler (token 0). So a greedy or seeded request gives the same tokens alone
 or beside others:
 
-- bf16 weights (oneDNN's kernels) and int8 weights with per-row int8 inputs (`Int8Linear`'s
-  "int8-rows": exact integer sums) give the same bits at every width: a lone sequence runs one
-  row, and eight rows cost little more than one, because the time goes into reading weights;
+- bf16 weights (oneDNN's kernels, on a CPU with AMX or AVX512-BF16) and int8 weights with
+  per-row int8 inputs (`Int8Linear`'s "int8-rows": exact integer sums) give the same bits at
+  every width: a lone sequence runs one row, and eight rows cost little more than one,
+  because the time goes into reading weights;
+- bf16 on a CPU without native bf16 is emulated, and its one-row products differ from its
+  many-row ones for rare inputs, too rare for the probe to see: such a model runs at the full
+  `max_seqs` width whatever the probe says (`_narrow_steps_trusted`);
 - fp32 on MKL changes between one row and two (and the packed product below differs from the
   plain one), so fp32 runs at the full `max_seqs` width.
 
@@ -61,6 +65,7 @@ import torch
 
 from ..batching import model_device
 from ..generate import TextRow, sample_next
+from ..hardware import cpu_has_bf16
 from ..layers.block import DecoderCache
 from ..model import Transformer
 from ..quantize import pack_linears
@@ -284,13 +289,25 @@ class Engine:
 
         full = step(list(range(W)), W)
         others = step([0, *range(W + 1, 2 * W)], W)  # row 0 beside other neighbours
-        if not torch.equal(full[:1], others[:1]):
+        moved = step([*range(W + 1, 2 * W), 0], W)  # row 0's sequence in the last row
+        if not (torch.equal(full[:1], others[:1]) and torch.equal(full[:1], moved[-1:])):
             return W, False
+        if not self._narrow_steps_trusted():
+            return W, True
         width = W
         while width > 1 and torch.equal(step(list(range(width - 1)), width - 1),
                                         full[:width - 1]):
             width -= 1
         return width, True
+
+    def _narrow_steps_trusted(self) -> bool:
+        """Whether a step narrower than max_seqs may be trusted on the probe's word. Not for
+        bf16 weights on a CPU without native bf16 (no AMX, no AVX512-BF16): oneDNN then
+        emulates bf16, and a one-row product takes another kernel whose sums differ from the
+        many-row one's for rare inputs only (measured on such a machine: 1 of 300 random rows
+        in the last bits, so the probe's few rows passed while a real sequence drifted)."""
+        bf16 = any(p.dtype == torch.bfloat16 for p in self.model.parameters())
+        return not (bf16 and self.device.type == "cpu" and not cpu_has_bf16())
 
     @torch.inference_mode()
     def _step(self, seqs: list[Sequence]) -> None:
