@@ -31,7 +31,7 @@ import torch
 # refactor moves one of these, this block is the one place to change.
 from qkv.data import BUNDLED, eval_batches, split  # the bundled corpus, qkv's validation windows
 from qkv.generate import decode_tokens  # token ids in, token ids out (no tokenizer needed)
-from qkv.hardware import autocast, resolve_precision, set_threads, training_attention
+from qkv.hardware import autocast, cpu_has_bf16, resolve_precision, set_threads, training_attention
 from qkv.hub import packaged_minilm_path  # the pip-installed all-MiniLM-L6-v2
 from qkv.quantize import Int8Linear, pack_linears  # bytes per step; the bf16 decode path
 from qkv.train import next_token_loss  # one training step's loss, as qkv's loop takes it
@@ -104,7 +104,11 @@ def print_table(title: str, values: dict[str, float | None], unit: str,
 
 def threads(n: int | None) -> int:
     """Set the threads of this process (both libraries share them); by default one per idle CPU
-    (on a quiet machine, every CPU). Returns the number."""
+    (on a quiet machine, every CPU). Returns the number. On a CPU without bf16 units it says
+    so once: its bf16 rows are emulated, and their ratios say nothing about a CPU with AMX."""
+    if not cpu_has_bf16():
+        print("note: this CPU has no bf16 units (no AMX, no AVX512-BF16); bf16 runs emulated "
+              "here, so bf16 rows measure nothing a CPU with them would see", flush=True)
     return set_threads(n)
 
 
