@@ -285,6 +285,24 @@ def test_bf16_and_int8_rows_run_a_lone_sequence_on_one_row_and_stay_exact(dtype)
                                           temperature=0)
 
 
+def test_emulated_bf16_steps_at_the_full_width(monkeypatch):
+    """Without bf16 units, a bf16 model never runs a narrower step than max_seqs, whatever its
+    probe rows say: emulated bf16's one-row products differ from its many-row ones for rare
+    inputs. fp32 and int8 models are not affected by the rule."""
+    import qkv.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: False)
+    model, tok = tiny_decoder(d_model=64, n_heads=4, n_layers=3)
+    engine = Engine(model.to(torch.bfloat16), tok, max_seqs=4)
+    engine.close()
+    assert engine.exact_verified and engine.width_from == 4
+    model, tok = tiny_decoder(d_model=64, n_heads=4, n_layers=3)
+    qkv.quantize_int8(model, activations="int8-rows")
+    engine = Engine(model, tok, max_seqs=4)
+    engine.close()
+    assert engine.exact_verified and engine.width_from == 1
+
+
 def test_the_probe_catches_rows_that_depend_on_their_neighbours():
     """FBGEMM's int8 inputs share one range per batch: the probe says so (no exact batching),
     and qkv serve's loader picks "int8-rows" instead when batching must be exact."""
