@@ -12,11 +12,11 @@ qkv's training loop picks at that length.
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 
 import torch
 import torch.nn.functional as F
-from _common import CPU, threads
+from _common import CPU, race, threads
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qkv.hardware import FUSED_ATTENTION_FROM
@@ -24,15 +24,13 @@ from qkv.hardware import FUSED_ATTENTION_FROM
 KERNELS = {"math": SDPBackend.MATH, "fused": SDPBackend.FLASH_ATTENTION}
 
 
-def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: SDPBackend) -> float:
-    """Seconds for one forward + backward pass of causal attention with `kernel`."""
+def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: SDPBackend) -> None:
+    """One forward + backward pass of causal attention with `kernel`."""
     for t in (q, k, v):
         t.grad = None
-    start = time.perf_counter()
     with sdpa_kernel([kernel]):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         out.backward(torch.ones_like(out))
-    return time.perf_counter() - start
 
 
 def main() -> int:
@@ -52,12 +50,9 @@ def main() -> int:
     for T in args.lengths:
         q, k, v = (torch.randn(args.batch, args.heads, T, args.d_head, device=CPU,
                                dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        best = {name: float("inf") for name in KERNELS}
-        for kernel in KERNELS.values():  # warm-up: kernel choice, allocation
-            step(q, k, v, kernel)
-        for _ in range(args.rounds):  # alternate, so a busy moment hits both kernels
-            for name, kernel in KERNELS.items():
-                best[name] = min(best[name], step(q, k, v, kernel))
+        # alternated rounds after a warm-up (kernel choice, allocation): a busy moment hits both
+        best, _ = race({name: functools.partial(step, q, k, v, kernel)
+                        for name, kernel in KERNELS.items()}, args.rounds)
         picks = "fused" if T >= FUSED_ATTENTION_FROM else "math"
         print(f"{T:>5} {1e3 * best['math']:>9.2f} {1e3 * best['fused']:>9.2f} "
               f"{best['math'] / best['fused']:>11.2f}  {picks}")

@@ -288,7 +288,7 @@ def test_bf16_and_int8_rows_run_a_lone_sequence_on_one_row_and_stay_exact(dtype)
 def test_emulated_bf16_steps_at_the_full_width(monkeypatch):
     """Without bf16 units, a bf16 model never runs a narrower step than max_seqs, whatever its
     probe rows say: emulated bf16's one-row products differ from its many-row ones for rare
-    inputs. fp32 and int8 models are not affected by the rule."""
+    inputs. An int8-rows model is not affected by the rule."""
     import qkv.serve.engine as engine_module
 
     monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: False)
