@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -380,3 +381,23 @@ def test_non_utf8_training_file(tmp_path: Path) -> None:
 def test_bad_training_arguments(call, error, message) -> None:
     with pytest.raises(error, match=message):
         call()
+
+
+# ---------------------------------------------------------------------- BPE-dropout
+
+
+def test_bpe_dropout_samples_other_segmentations_that_decode_to_the_same_text(
+        trained: dict[str, Tokenizer]) -> None:
+    tokenizer = trained["bpe"]
+    texts = [*CORPUS[:7], *TRICKY]
+    plain = tokenizer.encode_batch(texts, add_special_tokens=False)["input_ids"]
+    assert tokenizer.encode_sampled(texts, 0.0, random.Random(0)) == plain  # the usual cut
+    sampled = tokenizer.encode_sampled(texts, 0.5, random.Random(1))
+    assert sum(map(len, sampled)) > sum(map(len, plain))  # merges were left out
+    assert [tokenizer.decode(row) for row in sampled] == texts  # still the same text
+    assert tokenizer.encode_sampled(texts, 0.5, random.Random(1)) == sampled  # seeded
+    assert tokenizer.encode_sampled(texts, 0.5, random.Random(2)) != sampled
+    with pytest.raises(InputError, match=r"\[0, 1\)"):
+        tokenizer.encode_sampled(texts, 1.0, random.Random(0))
+    with pytest.raises(TokenizerError, match="byte-level BPE"):
+        trained["wordpiece"].encode_sampled(texts, 0.1, random.Random(0))

@@ -300,6 +300,26 @@ def test_a_transformer_run_averages_its_last_evaluations_and_resumes_exactly(tmp
     assert "--resume" in capsys.readouterr().err  # a run is never overwritten by accident
 
 
+def test_bpe_dropout_training_resumes_exactly(tmp_path, capsys):
+    data = _tiny_corpus(tmp_path)
+    common = ["train", "--family", "encoder-decoder", "--data", str(data), "--src", "de",
+              "--tgt", "en", "--preset", "transformer-mt-tiny", "--n-layers", "1",
+              "--d-model", "32", "--vocab-size", "300", "--max-tokens", "600",
+              "--bpe-dropout", "0.3", "--warmup-steps", "5", "--eval-every", "10",
+              "--bleu-sentences", "0", "--no-progress", "--device", "cpu",
+              "--precision", "fp32", "--threads", "1"]
+    assert main([*common, "--max-steps", "30", "--out", str(tmp_path / "full")]) == 0
+    assert main([*common, "--max-steps", "10", "--out", str(tmp_path / "part")]) == 0
+    assert main([*common, "--max-steps", "30", "--out", str(tmp_path / "part"),
+                 "--resume"]) == 0
+    full, resumed = read_log(tmp_path / "full"), read_log(tmp_path / "part")
+    assert full[-1]["epoch"] > 1  # the resumed run crossed epochs, each segmented anew
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full]
+    capsys.readouterr()
+    assert main([*common[:-2], "--bpe-dropout", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "bpe_dropout=1.5" in capsys.readouterr().err
+
+
 def test_a_tiny_recurrent_translator_learns_then_translates_and_scores(tmp_path, capsys):
     data = _tiny_corpus(tmp_path)
     assert main(["train", "--family", "rnn", "--data", str(data), "--src", "de", "--tgt", "en",

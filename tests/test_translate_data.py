@@ -98,6 +98,31 @@ def test_token_batches_respect_the_budget_and_resume_exactly():
         TokenBatches(pairs, 20, pad=0)
 
 
+def test_resampled_epochs_read_their_own_pairs_and_resume_exactly():
+    """BPE-dropout's batches: each epoch asks for its pairs by number, so a resumed run reads
+    the same segmentation of its epoch as the run it continues."""
+    asked = []
+
+    def resample(epoch: int) -> Pairs:
+        asked.append(epoch)
+        rng = random.Random(epoch)
+        n = [rng.randint(2, 20) for _ in range(100)]
+        return Pairs([[7 + epoch] * k for k in n], [[9] * (k + 1) for k in n], skipped=None)  # type: ignore[arg-type]
+
+    first = resample(0)
+    batches = TokenBatches(first, 300, pad=0, seed=1, resample=resample)
+    assert batches.pairs.src == first.src  # epoch 0 asked for again, not the pairs passed in
+    epoch0 = {next(batches)[0][0, 0].item() for _ in range(len(batches.order))}
+    epoch1 = next(batches)[0][0, 0].item()
+    assert (epoch0, epoch1) == ({7}, 8)  # the second epoch reads its own pairs
+    state = batches.state_dict()
+    after = [next(batches)[2].tolist() for _ in range(3)]
+    again = TokenBatches(first, 300, pad=0, seed=1, resample=resample)
+    again.load_state_dict(state)
+    assert [next(again)[2].tolist() for _ in range(3)] == after
+    assert asked[-1] == 1
+
+
 def test_the_command_line_reports_bad_data_in_one_line(tmp_path, capsys):
     write(tmp_path / "train.de", b"a\nb\nc\n")
     write(tmp_path / "train.en", b"a\nb\n")

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -82,6 +83,7 @@ class Tokenizer:
         self.backend.no_truncation()
         self._kind = kind if kind is not None else _infer_kind(backend)
         self._special_tokens = _infer_roles(backend)
+        self._merges: tuple[dict[tuple[str, str], int], dict[str, int]] | None = None
 
     # ------------------------------------------------------------------ training
 
@@ -334,6 +336,59 @@ class Tokenizer:
         if return_tensors == "pt":
             batch = {name: _to_tensor(value, name) for name, value in batch.items()}
         return batch
+
+    def encode_sampled(self, texts: Sequence[str], dropout: float,
+                       rng: random.Random) -> list[list[int]]:
+        """BPE-dropout (Provilkov et al. 2020): each text cut into tokens with some merges left
+        out at random, so that a word is seen in several segmentations during training.
+
+        Byte-level BPE builds each word by merging adjacent pieces, the earliest-learned merge
+        first. Here every merge that could apply is skipped with probability ``dropout`` at each
+        step (the best of those kept is applied), so a word sometimes stays in smaller pieces.
+        With ``dropout=0`` this gives exactly the ids of :meth:`encode_batch` without special
+        tokens. ``rng`` makes the sampling reproducible (an epoch of a run has its own). For
+        training only: the model is then evaluated on the usual, deterministic segmentation.
+        """
+        if not 0.0 <= dropout < 1.0:
+            raise InputError(f"BPE-dropout must be in [0, 1), not {dropout}")
+        ranks, vocab = self._merge_table()
+        backend = self.backend
+        out = []
+        for text in texts:
+            _check_text(text)
+            if backend.normalizer is not None:
+                text = backend.normalizer.normalize_str(text)
+            ids: list[int] = []
+            for word, _ in backend.pre_tokenizer.pre_tokenize_str(text):
+                pieces = list(word)
+                while len(pieces) > 1:
+                    best, at = None, -1
+                    for i in range(len(pieces) - 1):
+                        rank = ranks.get((pieces[i], pieces[i + 1]))
+                        # a merge no better than the best kept so far cannot win: no draw
+                        if rank is not None and (best is None or rank < best) \
+                                and rng.random() >= dropout:
+                            best, at = rank, i
+                    if best is None:
+                        break
+                    pieces[at:at + 2] = [pieces[at] + pieces[at + 1]]
+                ids.extend(vocab[piece] for piece in pieces)
+            out.append(ids)
+        return out
+
+    def _merge_table(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+        """(rank of each merge, id of each piece) of a byte-level BPE, read once."""
+        if self._merges is None:
+            model = json.loads(self.backend.to_str())["model"]
+            byte_level = isinstance(self.backend.pre_tokenizer, pre_tokenizers.ByteLevel)
+            if model.get("type") != "BPE" or not byte_level or model.get(
+                    "continuing_subword_prefix") or model.get("end_of_word_suffix"):
+                raise TokenizerError("BPE-dropout needs a byte-level BPE tokenizer (kind "
+                                     f"'bpe'); this one is {self.kind!r}")
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                      for m in model["merges"]]
+            self._merges = ({(a, b): i for i, (a, b) in enumerate(merges)}, model["vocab"])
+        return self._merges
 
     def __call__(self, texts: str | Sequence[str], **kwargs: Any) -> dict[str, Any]:
         """Same as :meth:`encode_batch` (a single ``str`` is a batch of one)."""

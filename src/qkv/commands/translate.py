@@ -187,6 +187,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=positive_int, metavar="N",
                    help="tokens per batch, padding included (default 4096)")
     g.add_argument("--label-smoothing", type=float, metavar="EPS", help="default 0.1")
+    g.add_argument("--bpe-dropout", type=float, metavar="P",
+                   help="BPE-dropout (Provilkov et al. 2020): each epoch, segment the training "
+                   "pairs anew, skipping each BPE merge with probability P (0.1 in the paper; "
+                   "default 0: off); validation and decoding keep the usual segmentation")
     g.add_argument("--norm-placement", choices=("pre", "post"),
                    help="layer norm before each sublayer (pre, the preset's: trains with a "
                    "short warm-up) or after the residual sum (post, as in Vaswani et al.)")

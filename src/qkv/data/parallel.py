@@ -29,7 +29,7 @@ import hashlib
 import random
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,12 +232,20 @@ class Pairs:
 
 
 def encode_pairs(data: ParallelData, tokenizer: Tokenizer, max_len: int,
-                 skip_long: bool = True) -> Pairs:
+                 skip_long: bool = True, bpe_dropout: float = 0.0,
+                 rng: random.Random | None = None) -> Pairs:
     """Encode both sides; a pair with a side longer than `max_len` tokens (with its special
-    tokens) is skipped and counted, or, with skip_long=False, cut to fit (for evaluation)."""
+    tokens) is skipped and counted, or, with skip_long=False, cut to fit (for evaluation).
+    With `bpe_dropout`, each side is segmented at random (Tokenizer.encode_sampled, drawn from
+    `rng`): one epoch's view of the training data."""
     _, bos, eos = translation_ids(tokenizer)
-    srcs = tokenizer.encode_batch(data.src, add_special_tokens=False)["input_ids"]
-    tgts = tokenizer.encode_batch(data.tgt, add_special_tokens=False)["input_ids"]
+    if bpe_dropout:
+        rng = rng if rng is not None else random.Random(0)
+        srcs = tokenizer.encode_sampled(data.src, bpe_dropout, rng)
+        tgts = tokenizer.encode_sampled(data.tgt, bpe_dropout, rng)
+    else:
+        srcs = tokenizer.encode_batch(data.src, add_special_tokens=False)["input_ids"]
+        tgts = tokenizer.encode_batch(data.tgt, add_special_tokens=False)["input_ids"]
     out = Pairs([], [], Counter(data.skipped))
     for s, t in zip(srcs, tgts, strict=True):
         s, t = [*s, eos], [bos, *t, eos]
@@ -285,23 +293,32 @@ def token_batches(src_lengths: Sequence[int], tgt_lengths: Sequence[int], max_to
 class TokenBatches:
     """Training batches (src (B, S), src_mask (B, S), tgt (B, T), tgt_mask (B, T)), epoch after
     epoch, each at most `max_tokens` tokens. Resumable: the state is the epoch, the position in
-    it and the seed, from which every epoch's order is made again."""
+    it and the seed, from which every epoch's order is made again.
 
-    def __init__(self, pairs: Pairs, max_tokens: int, pad: int, seed: int = 0):
-        longest = max((len(s) + len(t) for s, t in zip(pairs.src, pairs.tgt, strict=True)),
-                      default=0)
-        if not len(pairs):
-            raise InputError("no training pairs are left to batch")
-        if max_tokens < longest:
-            raise InputError(f"max_tokens={max_tokens} is smaller than the longest pair "
-                             f"({longest} tokens); raise it or lower the length limit")
+    `resample(epoch)`, if given, makes each epoch's pairs afresh (BPE-dropout: the same
+    sentences, segmented another way); it must give the same pairs for the same epoch, so that
+    a resumed run reads what it would have read."""
+
+    def __init__(self, pairs: Pairs, max_tokens: int, pad: int, seed: int = 0,
+                 resample: Callable[[int], Pairs] | None = None):
         self.pairs, self.max_tokens, self.pad, self.seed = pairs, max_tokens, pad, seed
-        self.src_lengths = [len(s) for s in pairs.src]
-        self.tgt_lengths = [len(t) for t in pairs.tgt]
+        self.resample = resample
         self.epoch, self.index = 0, 0
         self._start_epoch()
 
     def _start_epoch(self) -> None:
+        if self.resample is not None:
+            self.pairs = self.resample(self.epoch)
+        pairs = self.pairs
+        longest = max((len(s) + len(t) for s, t in zip(pairs.src, pairs.tgt, strict=True)),
+                      default=0)
+        if not len(pairs):
+            raise InputError("no training pairs are left to batch")
+        if self.max_tokens < longest:
+            raise InputError(f"max_tokens={self.max_tokens} is smaller than the longest pair "
+                             f"({longest} tokens); raise it or lower the length limit")
+        self.src_lengths = [len(s) for s in pairs.src]
+        self.tgt_lengths = [len(t) for t in pairs.tgt]
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         self.order = token_batches(self.src_lengths, self.tgt_lengths, self.max_tokens, rng)
 

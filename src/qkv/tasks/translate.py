@@ -326,6 +326,7 @@ class TranslateSettings:
     grad_clip: float = 1.0
     dropout: float | None = None    # None: the preset's (0.1), or 0.3 for an RNN
     label_smoothing: float = 0.1
+    bpe_dropout: float = 0.0        # BPE-dropout of the training pairs (Provilkov et al. 2020)
     grad_accum: int = 1
     eval_every: int = 500
     bleu_sentences: int = 300       # validation sentences decoded (greedy) for val_bleu; 0: none
@@ -361,16 +362,16 @@ class TranslateSettings:
             raise ConfigError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
         if self.src == self.tgt:
             raise ConfigError(f"--src and --tgt are both {self.src!r}")
-        if self.norm_placement not in (None, "pre", "post"):
-            raise ConfigError(f"norm_placement={self.norm_placement!r} is not pre or post")
-        if self.best not in ("loss", "bleu"):
-            raise ConfigError(f"best={self.best!r} is not loss or bleu")
+        for name, allowed in (("norm_placement", ("pre", "post", None)),
+                              ("best", ("loss", "bleu")), ("decay", ("inverse_sqrt", "cosine"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of "
+                                  f"{', '.join(a for a in allowed if a)}")
         if self.best == "bleu" and self.bleu_sentences < 1:
             raise ConfigError("best=bleu needs bleu_sentences > 0")
-        if self.decay not in ("inverse_sqrt", "cosine"):
-            raise ConfigError(f"decay={self.decay!r} is not inverse_sqrt or cosine")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+        for name in ("bpe_dropout", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
         for name in ("vocab_size", "context", "max_tokens", "eval_every", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be at "
@@ -523,7 +524,8 @@ def train_translation(s: TranslateSettings, out: str | Path | None = None, resum
         apply_lora(model, s.lora_rank, s.lora_alpha, s.lora_targets)
         print(f"qkv train: LoRA rank {s.lora_rank} on {s.lora_targets}; "
               f"{describe_trainable(model)}", file=sys.stderr)
-    batches = TokenBatches(train_pairs, s.max_tokens, pad, s.seed)
+    batches = TokenBatches(train_pairs, s.max_tokens, pad, s.seed,
+                           _epoch_sampler(s, train_data, tokenizer, context))
     best = [("val_bleu", "max"), ("val_loss", "min")] if s.best == "bleu" else \
         [("val_loss", "min")]
     objective = Objective(
@@ -578,6 +580,19 @@ def train_translation(s: TranslateSettings, out: str | Path | None = None, resum
         best_step=result.best_step, final=final, train_pairs=len(train_pairs),
         skipped=dict(train_pairs.skipped), wall_s=round(time.perf_counter() - t0, 1),
         stopped_by=result.stopped_by, averaged=averaged, history=result.history)
+
+
+def _epoch_sampler(s: TranslateSettings, train: ParallelData, tokenizer: Tokenizer,
+                   context: int) -> Callable[[int], Pairs] | None:
+    """With BPE-dropout, each epoch's training pairs segmented anew from that epoch's own
+    seeded draw (so a resumed run reads what it would have read); None without."""
+    if not s.bpe_dropout:
+        return None
+
+    def resample(epoch: int) -> Pairs:
+        rng = random.Random(f"bpe-dropout {s.seed} {epoch}")
+        return encode_pairs(train, tokenizer, context, bpe_dropout=s.bpe_dropout, rng=rng)
+    return resample
 
 
 def _prepare_run_directory(out: Path, resume: bool, snapshots: Snapshots, model: Translator,
