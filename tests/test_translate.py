@@ -271,14 +271,18 @@ def _tiny_corpus(tmp_path):
     return path
 
 
+def _tiny_transformer(data, *flags: str) -> list[str]:
+    """`qkv train` of a one-layer d=32 Transformer on the tiny corpus, on one CPU thread."""
+    return ["train", "--family", "encoder-decoder", "--data", str(data), "--src", "de",
+            "--tgt", "en", "--preset", "transformer-mt-tiny", "--n-layers", "1",
+            "--d-model", "32", "--vocab-size", "300", "--max-tokens", "600", "--no-progress",
+            "--device", "cpu", "--precision", "fp32", "--threads", "1", *flags]
+
+
 def test_a_transformer_run_averages_its_last_evaluations_and_resumes_exactly(tmp_path, capsys):
     data = _tiny_corpus(tmp_path)
-    common = ["train", "--family", "encoder-decoder", "--data", str(data), "--src", "de",
-              "--tgt", "en", "--preset", "transformer-mt-tiny", "--n-layers", "1",
-              "--d-model", "32", "--vocab-size", "300", "--max-tokens", "600",
-              "--lr", "3e-3", "--warmup-steps", "10", "--eval-every", "20",
-              "--bleu-sentences", "10", "--average-last", "2", "--no-progress",
-              "--device", "cpu", "--precision", "fp32", "--threads", "1"]
+    common = _tiny_transformer(data, "--lr", "3e-3", "--warmup-steps", "10", "--eval-every",
+                               "20", "--bleu-sentences", "10", "--average-last", "2")
     assert main([*common, "--max-steps", "60", "--out", str(tmp_path / "full")]) == 0
     assert "average of the last 2 evaluations" in capsys.readouterr().out
     log = read_log(tmp_path / "full")
@@ -302,12 +306,8 @@ def test_a_transformer_run_averages_its_last_evaluations_and_resumes_exactly(tmp
 
 def test_bpe_dropout_training_resumes_exactly(tmp_path, capsys):
     data = _tiny_corpus(tmp_path)
-    common = ["train", "--family", "encoder-decoder", "--data", str(data), "--src", "de",
-              "--tgt", "en", "--preset", "transformer-mt-tiny", "--n-layers", "1",
-              "--d-model", "32", "--vocab-size", "300", "--max-tokens", "600",
-              "--bpe-dropout", "0.3", "--warmup-steps", "5", "--eval-every", "10",
-              "--bleu-sentences", "0", "--no-progress", "--device", "cpu",
-              "--precision", "fp32", "--threads", "1"]
+    common = _tiny_transformer(data, "--warmup-steps", "5", "--eval-every", "10",
+                               "--bleu-sentences", "0", "--bpe-dropout", "0.3")
     assert main([*common, "--max-steps", "30", "--out", str(tmp_path / "full")]) == 0
     assert main([*common, "--max-steps", "10", "--out", str(tmp_path / "part")]) == 0
     assert main([*common, "--max-steps", "30", "--out", str(tmp_path / "part"),
@@ -316,7 +316,7 @@ def test_bpe_dropout_training_resumes_exactly(tmp_path, capsys):
     assert full[-1]["epoch"] > 1  # the resumed run crossed epochs, each segmented anew
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full]
     capsys.readouterr()
-    assert main([*common[:-2], "--bpe-dropout", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert main([*common[:-1], "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "bpe_dropout=1.5" in capsys.readouterr().err
 
 
