@@ -247,7 +247,7 @@ def test_the_norm_placement_setting_builds_post_norm_blocks_and_refuses_others(c
     assert len(blocks) == 6 and not any(b.pre_norm for b in blocks)  # 3 + 3 post-norm blocks
     pre = build_translator(TranslateSettings(data="x"), 100, 0, 1, 2)
     assert pre.config.norm_placement == "pre"  # the preset's
-    with pytest.raises(ConfigError, match="norm_placement='mid' is not pre or post"):
+    with pytest.raises(ConfigError, match="norm_placement='mid' is not one of pre, post"):
         TranslateSettings(data="x", norm_placement="mid").check()
     with pytest.raises(SystemExit) as exit_:  # argparse: one line on stderr, status 2
         main(["train", "--family", "encoder-decoder", "--data", "x", "--src", "de",
