@@ -12,6 +12,9 @@ harness, on one metric.
                                    two models trained side by side (one thread each), then
                                    their ensemble decodes (qkv.ensemble); each member's score
                                    is printed beside it
+    python benchmarks/bench_translate.py --only en-de --members 2 --threads 2
+        --member-set 0:preset=transformer-mt-tiny --member-set 1:bpe_dropout=0.1
+                                   the same with a recipe of each member's own
 
 Every run trains with qkv's own recipe (qkv.tasks.translate.train_translation: the one loop,
 the joint BPE, label smoothing, token-budget batches), keeps the best checkpoint by validation
@@ -153,7 +156,7 @@ def test_scores(model: Any, tok: Any, name: str, quick: bool, test_sentences: in
 
 
 def run_members(name: str, k: int, args: argparse.Namespace, n_threads: int,
-                changes: dict[str, Any]) -> dict[str, Any]:
+                changes: dict[str, Any], own: dict[int, list[str]]) -> dict[str, Any]:
     """An ensemble of k models of run `name`: each trained at the same time in its own process
     of this script (seed base + i, n_threads // k threads, the same budget), in
     --runs/member-i; then the k decode the test set together (qkv.ensemble: their next-token
@@ -173,7 +176,8 @@ def run_members(name: str, k: int, args: argparse.Namespace, n_threads: int,
             out.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, "--threads",
                    str(per), "--runs", str(out), "--json-out", str(out / "result.json"),
-                   f"--set=seed={base_seed + i}", *forwarded]
+                   f"--set=seed={base_seed + i}", *forwarded,
+                   *(f"--set={item}" for item in own.get(i, []))]  # after: they win
             print("member", i, ":", " ".join(cmd), flush=True)
             log = (args.runs / f"member-{i}.log").open("w")
             procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
@@ -298,6 +302,18 @@ def recipe_changes(p: argparse.ArgumentParser, items: list[str]) -> dict[str, An
     return changes
 
 
+def member_changes(p: argparse.ArgumentParser, items: list[str], k: int) -> dict[int, list[str]]:
+    """--member-set I:KEY=VALUE items as {member: [KEY=VALUE, ...]}, each checked as --set's."""
+    own: dict[int, list[str]] = {}
+    for item in items:
+        index, sep, change = item.partition(":")
+        if not sep or not index.isdigit() or int(index) >= k:
+            p.error(f"--member-set {item!r}: expected I:KEY=VALUE with I below --members {k}")
+        recipe_changes(p, [change])
+        own.setdefault(int(index), []).append(change)
+    return own
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -325,6 +341,10 @@ def main() -> None:
                    help="train K models of each run at once, one process each (seeds 0..K-1, "
                    "the threads shared out), and score their ensemble (qkv.ensemble); with "
                    "--score-only, score the ensemble of --runs/member-*")
+    p.add_argument("--member-set", dest="member_sets", action="append", default=[],
+                   metavar="I:KEY=VALUE",
+                   help="with --members: change one setting of member I only, after --set and "
+                   "the member's seed (repeatable): --member-set 0:preset=transformer-mt-tiny")
     p.add_argument("--threads", type=int)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of the throughput race")
     p.add_argument("--runs", type=Path, default=Path("runs/bench-translate"))
@@ -334,6 +354,9 @@ def main() -> None:
     changes = recipe_changes(p, args.changes)
     if args.members < 1:
         p.error(f"--members {args.members}: give at least 1")
+    if args.member_sets and args.members < 2:
+        p.error("--member-set needs --members 2 or more")
+    own = member_changes(p, args.member_sets, args.members)
     n = threads(args.threads)
     chosen = args.only or [*RUNS, "throughput"]
     results: dict[str, Any] = {"threads": n, "quick": args.quick}
@@ -342,9 +365,11 @@ def main() -> None:
             results[name] = throughput(n, 2 if args.quick else args.rounds, args.quick)
             continue
         if args.members > 1:
-            results[name] = r = run_members(name, args.members, args, n, changes)
+            results[name] = r = run_members(name, args.members, args, n, changes, own)
             if changes:
                 r["changes"] = changes
+            if own:
+                r["member_changes"] = own
             print(json.dumps(r), flush=True)
             continue
         budget = 30.0 if args.quick else (args.time_budget or RUNS[name][1])

@@ -352,14 +352,14 @@ class Tokenizer:
         if not 0.0 <= dropout < 1.0:
             raise InputError(f"BPE-dropout must be in [0, 1), not {dropout}")
         ranks, vocab = self._merge_table()
-        backend = self.backend
+        normalizer, pre_tokenizer = self.backend.normalizer, self.backend.pre_tokenizer
         out = []
         for text in texts:
             _check_text(text)
-            if backend.normalizer is not None:
-                text = backend.normalizer.normalize_str(text)
+            if normalizer is not None:
+                text = normalizer.normalize_str(text)
             ids: list[int] = []
-            for word, _ in backend.pre_tokenizer.pre_tokenize_str(text):
+            for word, _ in pre_tokenizer.pre_tokenize_str(text):
                 pieces = list(word)
                 while len(pieces) > 1:
                     best, at = None, -1
